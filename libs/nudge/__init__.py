@@ -1,0 +1,1 @@
+"""Nudge: the shared library of the triggered-messaging engine and its generated protos."""

@@ -1,0 +1,129 @@
+"""NATS JetStream: connection, the three streams, and publishing with trace context.
+
+Postgres is the source of truth; NATS carries wake-ups and work items (RELIABILITY.md P2). Every
+publish has a deterministic `Nats-Msg-Id`, and every stream a 10-minute duplicate window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+from opentelemetry import propagate
+
+DUPLICATE_WINDOW_S = 600.0
+
+
+@dataclass(frozen=True)
+class BusNames:
+    """Stream names and subjects under one prefix (tests use a unique prefix each)."""
+
+    prefix: str = "nudge"
+
+    @property
+    def events_stream(self) -> str:
+        """Stream of relayed events."""
+        return f"{self.prefix.upper()}_EVENTS"
+
+    @property
+    def timers_stream(self) -> str:
+        """Work queue of fired timers."""
+        return f"{self.prefix.upper()}_TIMERS"
+
+    @property
+    def dispatch_stream(self) -> str:
+        """Work queue of send requests."""
+        return f"{self.prefix.upper()}_DISPATCH"
+
+    def events_subject(self, workspace_id: str) -> str:
+        """Subject of a workspace's relayed events."""
+        return f"{self.prefix}.events.{workspace_id}"
+
+    def timers_subject(self, topic: str) -> str:
+        """Subject fired timers of a topic are published on."""
+        return f"{self.prefix}.timers.{topic}"
+
+    def dispatch_subject(self, workspace_id: str, channel: str) -> str:
+        """Subject of send requests."""
+        return f"{self.prefix}.dispatch.{workspace_id}.{channel}"
+
+
+async def connect(url: str, name: str) -> NatsClient:
+    """Connect to NATS, retrying the initial connection and reconnecting forever."""
+    return await nats.connect(
+        url,
+        name=name,
+        connect_timeout=2,
+        reconnect_time_wait=0.5,
+        max_reconnect_attempts=-1,
+        # nats-py 2.16 has no `retry_on_failed_connect`: with allow_reconnect and
+        # max_reconnect_attempts < 0 its initial connect already retries until it succeeds.
+        allow_reconnect=True,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, names: BusNames) -> None:
+    """Create or update the streams (idempotent; safe from several processes)."""
+    configs = [
+        StreamConfig(
+            name=names.events_stream,
+            subjects=[f"{names.prefix}.events.>"],
+            retention=RetentionPolicy.LIMITS,
+            max_age=86400.0,
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            discard=DiscardPolicy.OLD,
+        ),
+        StreamConfig(
+            name=names.timers_stream,
+            subjects=[f"{names.prefix}.timers.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+        ),
+        StreamConfig(
+            name=names.dispatch_stream,
+            subjects=[f"{names.prefix}.dispatch.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+        ),
+    ]
+    for config in configs:
+        try:
+            await js.stream_info(config.name or "")
+            await js.update_stream(config)
+        except NotFoundError:
+            await js.add_stream(config)
+
+
+def work_queue_consumer(durable: str, subject: str, ack_wait_s: float = 60.0) -> ConsumerConfig:
+    """Config of a durable pull consumer shared by a service's replicas."""
+    return ConsumerConfig(
+        durable_name=durable,
+        filter_subject=subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_deliver=8,
+        backoff=[1.0, 5.0, 30.0, 120.0, 600.0],
+        max_ack_pending=1000,
+    )
+
+
+def trace_headers(msg_id: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Headers for a publish: the dedupe id plus W3C trace context of the current span."""
+    headers = {"Nats-Msg-Id": msg_id, **(extra or {})}
+    propagate.inject(headers)
+    return headers

@@ -1,0 +1,1 @@
+"""Test support: pytest fixtures for real Postgres and real NATS (`nudge.testing.fixtures`)."""

@@ -1,0 +1,187 @@
+"""Real protocol peers for tests, the demo and the benchmark: an SMTP server and an HTTP server
+that record what they receive (both on 127.0.0.1, each in its own thread)."""
+
+from __future__ import annotations
+
+import email
+import email.message
+import email.policy
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+from nudge.dev.stack import free_port
+
+
+@dataclass(frozen=True)
+class ReceivedMail:
+    """One message as the SMTP sink received it."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    message: email.message.EmailMessage
+    received_monotonic: float
+
+    @property
+    def subject(self) -> str:
+        """The Subject header."""
+        return str(self.message["Subject"] or "")
+
+    @property
+    def text(self) -> str:
+        """The text/plain body."""
+        part = self.message.get_body(preferencelist=("plain",))
+        return "" if part is None else str(part.get_content()).strip()
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self._cond = threading.Condition()
+
+    def add(self, item: Any) -> None:
+        with self._cond:
+            self.items.append(item)
+            self._cond.notify_all()
+
+    def wait_for(self, count: int, timeout_s: float) -> list[Any]:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while len(self.items) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return list(self.items)
+
+
+class SmtpSink:
+    """An aiosmtpd server that accepts every message and records it."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._recorder = _Recorder()
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    @property
+    def url(self) -> str:
+        """`smtp://127.0.0.1:<port>` for NUDGE_SMTP_URL."""
+        return f"smtp://127.0.0.1:{self.port}"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        """aiosmtpd hook: record the message."""
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        assert isinstance(message, email.message.EmailMessage)
+        self._recorder.add(
+            ReceivedMail(envelope.mail_from, tuple(envelope.rcpt_tos), message, time.monotonic())
+        )
+        return "250 OK"
+
+    @property
+    def messages(self) -> list[ReceivedMail]:
+        """Everything received so far."""
+        return list(self._recorder.items)
+
+    def wait_for(self, count: int, timeout_s: float = 10.0) -> list[ReceivedMail]:
+        """Block until `count` messages arrived (or the timeout); return all received."""
+        return self._recorder.wait_for(count, timeout_s)
+
+    def start(self) -> SmtpSink:
+        """Start serving."""
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._controller.stop()
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    """One HTTP request as the HTTP sink received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    received_monotonic: float
+
+    def json(self) -> Any:
+        """The body parsed as JSON."""
+        return json.loads(self.body)
+
+
+Responder = Callable[[ReceivedRequest], tuple[int, dict[str, str], bytes]]
+
+
+@dataclass
+class HttpSink:
+    """A threaded HTTP/1.1 server that records requests and answers with `responder`
+    (200 `{}` by default)."""
+
+    port: int = field(default_factory=free_port)
+    responder: Responder | None = None
+
+    def __post_init__(self) -> None:
+        self._recorder = _Recorder()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                return
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                request = ReceivedRequest(
+                    self.command,
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    self.rfile.read(length),
+                    time.monotonic(),
+                )
+                sink._recorder.add(request)
+                status, headers, body = (
+                    sink.responder(request) if sink.responder else (200, {}, b"{}")
+                )
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = _handle
+            do_GET = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """`http://127.0.0.1:<port>`."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def requests(self) -> list[ReceivedRequest]:
+        """Everything received so far."""
+        return list(self._recorder.items)
+
+    def wait_for(self, count: int, timeout_s: float = 10.0) -> list[ReceivedRequest]:
+        """Block until `count` requests arrived (or the timeout); return all received."""
+        return self._recorder.wait_for(count, timeout_s)
+
+    def start(self) -> HttpSink:
+        """Start serving."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,1 @@
+"""Dispatch: consent, caps, rendering and delivery of send requests over channels."""

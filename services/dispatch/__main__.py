@@ -1,0 +1,85 @@
+"""Composition root of the dispatch service: `python -m services.dispatch`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+from datetime import timedelta
+
+from nudge import bus, db, runtime
+from nudge.auth import KeyVerifier
+from nudge.clock import DbClock
+from nudge.dispatch.v1 import dispatch_pb2_grpc
+from nudge.grpcserver import ServiceBinding, start_grpc_server
+from nudge.logs import setup_logging
+from services.dispatch.application import Dispatcher
+from services.dispatch.channels.base import Channel
+from services.dispatch.channels.console import ConsoleChannel
+from services.dispatch.channels.email import SmtpChannel
+from services.dispatch.channels.webhook import WebhookChannel
+from services.dispatch.consumers import consume_send_requests
+from services.dispatch.grpc_api import DispatchServicer
+from services.dispatch.settings import Settings
+
+log = logging.getLogger("nudge.dispatch")
+
+
+async def main(stop: asyncio.Event) -> None:
+    """Build → serve → drain."""
+    settings = Settings.from_env()
+    async with AsyncExitStack() as stack:
+        pool = await db.create_pool(settings.database_url, max_size=10, application_name="dispatch")
+        stack.push_async_callback(pool.close)
+        nc = await bus.connect(settings.nats_url, "nudge-dispatch")
+        stack.push_async_callback(nc.drain)
+        js = nc.jetstream()
+        names = bus.BusNames(settings.nats_prefix)
+        await bus.ensure_streams(js, names)
+
+        channels: dict[str, Channel] = {
+            "email": SmtpChannel(settings.smtp_url, settings.email_from),
+            "webhook": WebhookChannel(
+                settings.webhook_secret, allow_private_hosts=settings.webhook_allow_hosts
+            ),
+            "console": ConsoleChannel(),
+        }
+        for channel in channels.values():
+            stack.push_async_callback(channel.aclose)
+        clock = DbClock(pool)
+        await clock.sync()
+        dispatcher = Dispatcher(
+            pool,
+            channels,
+            clock,
+            lease=timedelta(seconds=settings.lease_s),
+            retry_window=timedelta(seconds=settings.retry_window_s),
+        )
+        supervisor = runtime.Supervisor(stop)
+        stack.push_async_callback(supervisor.aclose)
+        supervisor.start("clock", clock.run())
+        supervisor.start("consumer", consume_send_requests(js, names, dispatcher))
+        supervisor.start("sweeper", dispatcher.run_sweeper())
+
+        server = await start_grpc_server(
+            settings.address,
+            [
+                ServiceBinding(
+                    dispatch_pb2_grpc.add_DispatchServiceServicer_to_server,
+                    DispatchServicer(pool, KeyVerifier(pool)),
+                    "nudge.dispatch.v1.DispatchService",
+                )
+            ],
+        )
+        await server.set_serving(True)
+        log.info("dispatch serving on %s", settings.address)
+        await stop.wait()
+        log.info("dispatch draining")
+        await server.drain()
+    if supervisor.failure is not None:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    setup_logging("dispatch")
+    runtime.run(main)

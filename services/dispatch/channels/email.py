@@ -1,0 +1,216 @@
+"""Email over SMTP (aiosmtplib), one connection per message."""
+
+from __future__ import annotations
+
+import re
+import ssl
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import format_datetime, formataddr, getaddresses, parseaddr
+from typing import Final
+from urllib.parse import unquote, urlsplit
+
+import aiosmtplib
+
+from services.dispatch.channels.base import (
+    AmbiguousChannelError,
+    ChannelError,
+    Delivery,
+    OutboundMessage,
+    PermanentChannelError,
+    TransientChannelError,
+)
+
+_SCHEMES: Final = {
+    # scheme: (implicit TLS, STARTTLS, default port)
+    "smtp": (False, False, 25),
+    "smtps": (True, False, 465),
+    "smtp+starttls": (False, True, 587),
+}
+_ADDR_SPEC: Final = re.compile(r"^[^\s@<>()\[\],;:\\\"]+@[^\s@<>()\[\],;:\\\"]+$")
+_LINE_ENDINGS: Final = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT: Final = re.compile(rb"(?m)^\.")
+_DATA_START: Final = 354
+_COMPLETED: Final = 250
+_WILL_FORWARD: Final = 251
+
+
+def _reply_error(stage: str, code: int, text: str) -> ChannelError:
+    reason = f"smtp {stage} refused: {code} {text}".strip()
+    if 500 <= code < 600:
+        return PermanentChannelError(reason)
+    return TransientChannelError(reason)
+
+
+def _single_address(value: str, *, what: str) -> tuple[str, str]:
+    addresses = [(name, addr) for name, addr in getaddresses([value]) if name or addr]
+    if len(addresses) != 1:
+        raise PermanentChannelError(f"invalid {what} address: expected exactly one")
+    name, addr = addresses[0]
+    if not _ADDR_SPEC.match(addr):
+        raise PermanentChannelError(f"invalid {what} address")
+    if not addr.isascii():
+        raise PermanentChannelError(f"unsupported non-ASCII {what} address")
+    return name, addr
+
+
+def _smtp_data_payload(message: EmailMessage) -> bytes:
+    raw = _LINE_ENDINGS.sub(b"\r\n", message.as_bytes(policy=SMTP_POLICY))
+    if not raw.endswith(b"\r\n"):
+        raw += b"\r\n"
+    return _LEADING_DOT.sub(b"..", raw) + b".\r\n"
+
+
+class SmtpChannel:
+    name = "email"
+    supports_idempotency = False
+
+    def __init__(
+        self,
+        url: str,
+        from_address: str,
+        message_id_domain: str = "nudge.local",
+        timeout_s: float = 10,
+        *,
+        local_hostname: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in _SCHEMES:
+            raise ValueError(f"unsupported SMTP url scheme {parts.scheme!r}")
+        if not parts.hostname:
+            raise ValueError("SMTP url has no host")
+        use_tls, start_tls, default_port = _SCHEMES[parts.scheme]
+        self._hostname = parts.hostname
+        self._port = parts.port or default_port
+        self._use_tls = use_tls
+        self._start_tls = start_tls
+        self._username = unquote(parts.username) if parts.username is not None else None
+        self._password = unquote(parts.password) if parts.password is not None else None
+        self._from_address = from_address
+        self._envelope_sender = parseaddr(from_address)[1]
+        if not _ADDR_SPEC.match(self._envelope_sender):
+            raise ValueError(f"invalid from_address {from_address!r}")
+        self._message_id_domain = message_id_domain
+        self._timeout_s = timeout_s
+        self._local_hostname = local_hostname
+        self._tls_context = tls_context
+
+    def message_id(self, send_id: str) -> str:
+        return f"<{send_id}@{self._message_id_domain}>"
+
+    def build_message(self, msg: OutboundMessage) -> tuple[EmailMessage, str]:
+        """The MIME message and the envelope recipient; PermanentChannelError if unusable."""
+        to_field = msg.fields.get("to", "").strip()
+        if not to_field:
+            raise PermanentChannelError("missing address")
+        display_name, recipient = _single_address(to_field, what="recipient")
+        body = msg.fields.get("body", "")
+        html = msg.fields.get("html", "")
+        if not body and not html:
+            raise PermanentChannelError("empty message: neither body nor html")
+        message = EmailMessage(policy=SMTP_POLICY)
+        try:
+            message["Message-ID"] = self.message_id(msg.send_id)
+            message["Date"] = format_datetime(datetime.now(UTC))
+            message["From"] = msg.fields.get("from") or self._from_address
+            message["To"] = formataddr((display_name, recipient))
+            message["Subject"] = msg.fields.get("subject", "")
+            message["X-Nudge-Send-Id"] = msg.send_id
+            if body:
+                message.set_content(body)
+                if html:
+                    message.add_alternative(html, subtype="html")
+            else:
+                message.set_content(html, subtype="html")
+        except (ValueError, TypeError) as error:
+            raise PermanentChannelError(f"invalid message: {error}") from error
+        return message, recipient
+
+    def _client(self) -> aiosmtplib.SMTP:
+        return aiosmtplib.SMTP(
+            hostname=self._hostname,
+            port=self._port,
+            use_tls=self._use_tls,
+            start_tls=self._start_tls,
+            username=self._username,
+            password=self._password,
+            timeout=self._timeout_s,
+            local_hostname=self._local_hostname,
+            tls_context=self._tls_context,
+        )
+
+    async def send(self, msg: OutboundMessage) -> Delivery:
+        message, recipient = self.build_message(msg)
+        payload = _smtp_data_payload(message)
+        smtp = self._client()
+        try:
+            await self._open(smtp)
+            await self._envelope(smtp, recipient)
+            reply = await self._transfer(smtp, payload)
+        except BaseException:
+            smtp.close()
+            raise
+        await self._quit(smtp)
+        return Delivery(provider_message_id=self.message_id(msg.send_id), detail=reply)
+
+    async def _open(self, smtp: aiosmtplib.SMTP) -> None:
+        try:
+            await smtp.connect()
+        except aiosmtplib.SMTPResponseException as error:
+            raise _reply_error("session", error.code, error.message) from error
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+            raise TransientChannelError(f"smtp connect failed: {error}") from error
+
+    async def _envelope(self, smtp: aiosmtplib.SMTP, recipient: str) -> None:
+        try:
+            await smtp.mail(self._envelope_sender)
+            await smtp.rcpt(recipient)
+        except aiosmtplib.SMTPRecipientRefused as error:
+            raise _reply_error("recipient", error.code, error.message) from error
+        except aiosmtplib.SMTPSenderRefused as error:
+            raise _reply_error("sender", error.code, error.message) from error
+        except aiosmtplib.SMTPResponseException as error:
+            raise _reply_error("envelope", error.code, error.message) from error
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+            raise TransientChannelError(f"smtp envelope failed: {error}") from error
+
+    async def _transfer(self, smtp: aiosmtplib.SMTP, payload: bytes) -> str:
+        # aiosmtplib's data() sends DATA and the content in one call, so a lost connection
+        # cannot be placed before or after the content. Until the server's 354 nothing of the
+        # message exists there (transient); once the content is written only the final reply
+        # tells, and without it the outcome is ambiguous.
+        try:
+            start = await smtp.execute_command(b"DATA")
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+            raise TransientChannelError(f"smtp DATA failed: {error}") from error
+        if start.code != _DATA_START:
+            raise _reply_error("DATA", start.code, start.message)
+        protocol = smtp.protocol
+        if protocol is None:
+            raise TransientChannelError("smtp connection lost before content")
+        try:
+            protocol.write(payload)
+        except (aiosmtplib.SMTPException, OSError) as error:
+            raise TransientChannelError(f"smtp connection lost before content: {error}") from error
+        try:
+            reply = await protocol.read_response(timeout=self._timeout_s)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+            raise AmbiguousChannelError(
+                f"smtp no reply after message content: {error}",
+                retryable=self.supports_idempotency,
+            ) from error
+        if reply.code not in (_COMPLETED, _WILL_FORWARD):
+            raise _reply_error("message", reply.code, reply.message)
+        return f"{reply.code} {reply.message}"
+
+    async def _quit(self, smtp: aiosmtplib.SMTP) -> None:
+        # The message is already accepted; a failing QUIT changes nothing about the send.
+        try:
+            await smtp.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            smtp.close()
+
+    async def aclose(self) -> None:
+        return None

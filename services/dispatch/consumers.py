@@ -1,0 +1,54 @@
+"""The JetStream work-queue consumer that feeds send requests to the dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from google.protobuf.message import DecodeError
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
+
+from nudge.bus import BusNames, work_queue_consumer
+from nudge.dispatch.v1 import dispatch_pb2
+from services.dispatch.application import Dispatcher
+
+log = logging.getLogger("nudge.dispatch")
+DURABLE = "dispatch"
+
+
+async def consume_send_requests(
+    js: JetStreamContext, names: BusNames, dispatcher: Dispatcher, *, batch: int = 64
+) -> None:
+    """Pull send requests forever; ack each after its outcome (or retry state) is committed."""
+    subject = f"{names.prefix}.dispatch.>"
+    config: ConsumerConfig = work_queue_consumer(DURABLE, subject)
+    subscription = await js.pull_subscribe(
+        subject, durable=DURABLE, stream=names.dispatch_stream, config=config
+    )
+    while True:
+        try:
+            messages = await subscription.fetch(batch, timeout=1.0)
+        except TimeoutError:
+            # nats-py raises its own TimeoutError subclass or a bare asyncio one (ECOSYSTEM §8.6).
+            continue
+        await asyncio.gather(*(_handle(dispatcher, m) for m in messages))
+
+
+async def _handle(dispatcher: Dispatcher, message: object) -> None:
+    from nats.aio.msg import Msg
+
+    assert isinstance(message, Msg)
+    try:
+        request = dispatch_pb2.SendRequest.FromString(message.data)
+    except DecodeError:
+        log.error("poison send request on %s: not a SendRequest; terminated", message.subject)
+        await message.term()
+        return
+    try:
+        await dispatcher.accept(request)
+    except Exception:
+        log.exception("send %s failed to process; will be redelivered", request.send_id)
+        await message.nak(delay=1.0)
+        return
+    await message.ack_sync()

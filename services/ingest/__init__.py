@@ -1,0 +1,1 @@
+"""Ingest: the public gRPC API that appends events to the store, and the store relay."""

@@ -1,0 +1,1 @@
+"""Rules: engagement-state projection and campaign evaluation."""

@@ -1,0 +1,368 @@
+"""All SQL of the rules service: campaigns, user states, instances, decisions, outbox, inbox."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from nudge.db import Conn, Queryable
+
+CAMPAIGNS_CHANNEL = "nudge_campaigns"
+OUTBOX_CHANNEL = "nudge_rules_outbox"
+
+
+@dataclass(frozen=True)
+class CampaignVersion:
+    """One stored version of a campaign definition."""
+
+    workspace_id: str
+    campaign_id: str
+    version: int
+    definition: dict[str, Any]
+    definition_hash: str
+    status: str
+    created_at: datetime
+
+
+_CAMPAIGN_COLUMNS = """c.workspace_id, c.campaign_id, v.version, v.definition, v.definition_hash,
+                       c.status, v.created_at"""
+
+
+def _campaign(row: Any) -> CampaignVersion:
+    return CampaignVersion(**dict(row))
+
+
+async def current_campaign(
+    conn: Queryable, workspace_id: str, campaign_id: str
+) -> CampaignVersion | None:
+    """The current version of a campaign."""
+    row = await conn.fetchrow(
+        f"""SELECT {_CAMPAIGN_COLUMNS} FROM campaigns c
+            JOIN campaign_versions v USING (workspace_id, campaign_id)
+            WHERE c.workspace_id = $1 AND c.campaign_id = $2 AND v.version = c.current_version""",
+        workspace_id,
+        campaign_id,
+    )
+    return None if row is None else _campaign(row)
+
+
+async def campaign_version(
+    conn: Queryable, workspace_id: str, campaign_id: str, version: int
+) -> CampaignVersion | None:
+    """A specific version (with the campaign's current status)."""
+    row = await conn.fetchrow(
+        f"""SELECT {_CAMPAIGN_COLUMNS} FROM campaigns c
+            JOIN campaign_versions v USING (workspace_id, campaign_id)
+            WHERE c.workspace_id = $1 AND c.campaign_id = $2 AND v.version = $3""",
+        workspace_id,
+        campaign_id,
+        version,
+    )
+    return None if row is None else _campaign(row)
+
+
+async def current_campaigns(
+    conn: Queryable, workspace_id: str | None = None
+) -> list[CampaignVersion]:
+    """Current versions of all campaigns (of one workspace, or all)."""
+    rows = await conn.fetch(
+        f"""SELECT {_CAMPAIGN_COLUMNS} FROM campaigns c
+            JOIN campaign_versions v USING (workspace_id, campaign_id)
+            WHERE v.version = c.current_version AND ($1::text IS NULL OR c.workspace_id = $1)
+            ORDER BY c.workspace_id, c.campaign_id""",
+        workspace_id,
+    )
+    return [_campaign(r) for r in rows]
+
+
+async def campaigns_generation(conn: Queryable) -> tuple[int, datetime | None]:
+    """Changes whenever any campaign changes (to invalidate caches)."""
+    row = await conn.fetchrow("SELECT count(*) AS n, max(updated_at) AS t FROM campaigns")
+    assert row is not None
+    return int(row["n"]), row["t"]
+
+
+async def save_campaign_version(
+    conn: Conn,
+    workspace_id: str,
+    campaign_id: str,
+    definition: dict[str, Any],
+    digest: str,
+    status: str,
+) -> tuple[CampaignVersion, bool]:
+    """Store a definition as the next version unless it equals the current one."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1 || '/' || $2))", workspace_id, campaign_id
+    )
+    current = await current_campaign(conn, workspace_id, campaign_id)
+    if current is not None and current.definition_hash == digest and current.status == status:
+        return current, False
+    if current is not None and current.definition_hash == digest:
+        await conn.execute(
+            "UPDATE campaigns SET status = $3, updated_at = nudge_now()"
+            " WHERE workspace_id = $1 AND campaign_id = $2",
+            workspace_id,
+            campaign_id,
+            status,
+        )
+    else:
+        version = 1 if current is None else current.version + 1
+        await conn.execute(
+            """INSERT INTO campaign_versions (workspace_id, campaign_id, version, definition,
+                                              definition_hash)
+               VALUES ($1, $2, $3, $4, $5)""",
+            workspace_id,
+            campaign_id,
+            version,
+            definition,
+            digest,
+        )
+        await conn.execute(
+            """INSERT INTO campaigns (workspace_id, campaign_id, current_version, status)
+               VALUES ($1, $2, $3, $4)
+               ON CONFLICT (workspace_id, campaign_id) DO UPDATE
+               SET current_version = EXCLUDED.current_version, status = EXCLUDED.status,
+                   updated_at = nudge_now()""",
+            workspace_id,
+            campaign_id,
+            version,
+            status,
+        )
+    await conn.execute(f"NOTIFY {CAMPAIGNS_CHANNEL}")
+    saved = await current_campaign(conn, workspace_id, campaign_id)
+    assert saved is not None
+    return saved, True
+
+
+async def load_states(
+    conn: Queryable, keys: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Stored state documents by (workspace_id, user_id)."""
+    pairs = list(keys)
+    rows = await conn.fetch(
+        """SELECT s.workspace_id, s.user_id, s.state
+           FROM unnest($1::text[], $2::text[]) AS k(w, u)
+           JOIN user_states s ON s.workspace_id = k.w AND s.user_id = k.u""",
+        [w for w, _ in pairs],
+        [u for _, u in pairs],
+    )
+    return {(r["workspace_id"], r["user_id"]): r["state"] for r in rows}
+
+
+async def save_states(conn: Conn, states: Sequence[tuple[str, str, dict[str, Any], int]]) -> None:
+    """Upsert (workspace_id, user_id, state, last_position) rows."""
+    if not states:
+        return
+    await conn.execute(
+        """INSERT INTO user_states (workspace_id, user_id, state, last_position)
+           SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::bigint[])
+           ON CONFLICT (workspace_id, user_id) DO UPDATE
+           SET state = EXCLUDED.state, last_position = EXCLUDED.last_position""",
+        [s[0] for s in states],
+        [s[1] for s in states],
+        [s[2] for s in states],
+        [s[3] for s in states],
+    )
+
+
+async def load_state(conn: Queryable, workspace_id: str, user_id: str) -> dict[str, Any] | None:
+    """One user's state document."""
+    value = await conn.fetchval(
+        "SELECT state FROM user_states WHERE workspace_id = $1 AND user_id = $2",
+        workspace_id,
+        user_id,
+    )
+    return None if value is None else dict(value)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A campaign instance: one user's journey through one campaign version."""
+
+    instance_id: str
+    workspace_id: str
+    campaign_id: str
+    version: int
+    user_id: str
+    correlation: str
+    trigger_event_id: str
+    trigger_event: dict[str, Any]
+    state: str
+    due_at: datetime
+
+
+async def insert_instances(conn: Conn, instances: Sequence[Instance]) -> None:
+    """Record new instances; an instance id seen before is left as it is (replay no-op)."""
+    if not instances:
+        return
+    await conn.executemany(
+        """INSERT INTO campaign_instances (instance_id, workspace_id, campaign_id, version,
+               user_id, correlation, trigger_event_id, trigger_event, state, due_at)
+           VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+           ON CONFLICT (instance_id) DO NOTHING""",
+        [
+            (
+                i.instance_id,
+                i.workspace_id,
+                i.campaign_id,
+                i.version,
+                i.user_id,
+                i.correlation,
+                i.trigger_event_id,
+                i.trigger_event,
+                i.state,
+                i.due_at,
+            )
+            for i in instances
+        ],
+    )
+
+
+async def lock_instance(conn: Conn, instance_id: str) -> Instance | None:
+    """Load an instance FOR UPDATE."""
+    row = await conn.fetchrow(
+        """SELECT instance_id::text AS instance_id, workspace_id, campaign_id, version, user_id,
+                  correlation, trigger_event_id, trigger_event, state, due_at
+           FROM campaign_instances WHERE instance_id = $1::uuid FOR UPDATE""",
+        instance_id,
+    )
+    return None if row is None else Instance(**dict(row))
+
+
+async def set_instance_state(conn: Conn, instance_id: str, state: str) -> None:
+    """Move an instance to sent, cancelled or suppressed."""
+    await conn.execute(
+        "UPDATE campaign_instances SET state = $2, updated_at = nudge_now()"
+        " WHERE instance_id = $1::uuid",
+        instance_id,
+        state,
+    )
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    """A recorded decision (for `nudge why`)."""
+
+    workspace_id: str
+    user_id: str
+    campaign_id: str
+    version: int
+    instance_id: str | None
+    event_id: str | None
+    kind: str
+    reason: str
+    detail: dict[str, Any]
+    decided_at: datetime
+
+
+async def insert_decisions(conn: Conn, decisions: Sequence[DecisionRow]) -> None:
+    """Append decisions."""
+    if not decisions:
+        return
+    await conn.executemany(
+        """INSERT INTO decisions (workspace_id, user_id, campaign_id, version, instance_id,
+                                  event_id, kind, reason, detail, decided_at)
+           VALUES ($1, $2, $3, $4, $5::uuid, $6, $7, $8, $9, $10)""",
+        [
+            (
+                d.workspace_id,
+                d.user_id,
+                d.campaign_id,
+                d.version,
+                d.instance_id,
+                d.event_id,
+                d.kind,
+                d.reason,
+                d.detail,
+                d.decided_at,
+            )
+            for d in decisions
+        ],
+    )
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """Work for another service, delivered after the deciding transaction commits."""
+
+    kind: str
+    msg_id: str
+    payload: bytes
+    subject: str = ""
+    traceparent: str = ""
+
+
+async def insert_outbox(conn: Conn, items: Sequence[OutboxItem]) -> None:
+    """Queue outbox items and wake the outbox worker at commit."""
+    if not items:
+        return
+    await conn.executemany(
+        "INSERT INTO rules_outbox (kind, msg_id, subject, payload, traceparent)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        [(i.kind, i.msg_id, i.subject, i.payload, i.traceparent) for i in items],
+    )
+    await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")
+
+
+async def claim_outbox(conn: Conn, limit: int) -> list[tuple[int, OutboxItem]]:
+    """Lock the oldest outbox items (one worker at a time keeps their order)."""
+    if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext('rules_outbox'))"):
+        return []
+    rows = await conn.fetch(
+        """SELECT outbox_id, kind, msg_id, subject, payload, traceparent FROM rules_outbox
+           ORDER BY outbox_id LIMIT $1""",
+        limit,
+    )
+    return [
+        (
+            r["outbox_id"],
+            OutboxItem(r["kind"], r["msg_id"], bytes(r["payload"]), r["subject"], r["traceparent"]),
+        )
+        for r in rows
+    ]
+
+
+async def delete_outbox(conn: Conn, outbox_ids: Sequence[int]) -> None:
+    """Remove delivered items."""
+    await conn.execute("DELETE FROM rules_outbox WHERE outbox_id = ANY($1::bigint[])", outbox_ids)
+
+
+async def record_inbox(conn: Conn, item_id: str) -> bool:
+    """Mark a NATS item applied; False when it was applied before (a redelivery)."""
+    status = await conn.execute(
+        "INSERT INTO rules_inbox (item_id) VALUES ($1) ON CONFLICT DO NOTHING", item_id
+    )
+    return bool(status.endswith(" 1"))
+
+
+async def projection_watermark(conn: Queryable, reader: str) -> int:
+    """The xmin under which the projection last read (0 before its first read)."""
+    value = await conn.fetchval(
+        "SELECT last_xmin::text FROM reader_checkpoints WHERE reader = $1", reader
+    )
+    return 0 if value is None else int(value)
+
+
+async def decisions_for(
+    conn: Queryable, workspace_id: str, user_id: str, campaign_id: str | None
+) -> list[DecisionRow]:
+    """Decisions for a user (and campaign), oldest first."""
+    rows = await conn.fetch(
+        """SELECT workspace_id, user_id, campaign_id, version, instance_id::text AS instance_id,
+                  event_id, kind, reason, detail, decided_at
+           FROM decisions WHERE workspace_id = $1 AND user_id = $2
+             AND ($3::text IS NULL OR campaign_id = $3)
+           ORDER BY decision_id""",
+        workspace_id,
+        user_id,
+        campaign_id,
+    )
+    return [DecisionRow(**dict(r)) for r in rows]
+
+
+def canonical_json(value: Any) -> str:
+    """Stable JSON used for hashing definitions."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
