@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -15,14 +17,24 @@ log = logging.getLogger("nudge.runtime")
 def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run `main(stop)` in a new event loop; SIGTERM/SIGINT set `stop` for a graceful drain."""
 
+    # `kill -USR1 <pid>` prints every thread's stack: the first tool for a hung service.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGUSR2, _dump_tasks)
         await main(stop)
 
     asyncio.run(runner())
+
+
+def _dump_tasks() -> None:
+    """`kill -USR2 <pid>` prints every asyncio task's stack (where a hung drain waits)."""
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
 
 
 class Supervisor:

@@ -33,6 +33,7 @@ COMPILED_TEMPLATE_CACHE_SIZE: Final = 512
 
 CONTEXT_ROOTS: Final = frozenset({"user", "event", "trigger", "campaign"})
 HTML_FIELDS: Final = frozenset({"html"})
+JSON_FIELDS: frozenset[str] = frozenset({"payload"})
 HEADER_FIELDS: Final = frozenset({"to", "subject", "from"})
 
 # Partials need a loader and we have none: reject them when a campaign is applied rather
@@ -247,12 +248,42 @@ def render_message(
     html_fields: Collection[str] = HTML_FIELDS,
     header_fields: Collection[str] = HEADER_FIELDS,
     deadline_s: float = RENDER_DEADLINE_S,
+    json_fields: Collection[str] = JSON_FIELDS,
 ) -> dict[str, str]:
-    """Render every field of a message definition; raises RenderError on the first failure."""
+    """Render every field of a message definition; raises RenderError on the first failure.
+
+    `json_fields` (the webhook `payload`) hold a JSON document whose string leaves are templates:
+    each leaf is rendered on its own and the document re-serialized, so user data can never
+    change the document's shape.
+    """
     rendered: dict[str, str] = {}
     for field, source in fields.items():
+        if field in json_fields:
+            rendered[field] = render_json(field, source, context, deadline_s=deadline_s)
+            continue
         text = render_field(
             field, source, context, html=field in html_fields, deadline_s=deadline_s
         )
         rendered[field] = single_line(text) if field in header_fields else text
     return rendered
+
+
+def render_json(
+    field: str, source: str, context: Mapping[str, Any], *, deadline_s: float = RENDER_DEADLINE_S
+) -> str:
+    """Render the string leaves of a JSON document (given as text); return the JSON text."""
+    try:
+        document = json.loads(source)
+    except ValueError as error:
+        raise RenderError(field, f"is not valid JSON: {error}") from None
+
+    def render(value: Any, path: str) -> Any:
+        if isinstance(value, str):
+            return render_field(path, value, context, deadline_s=deadline_s)
+        if isinstance(value, dict):
+            return {key: render(item, f"{path}.{key}") for key, item in value.items()}
+        if isinstance(value, list):
+            return [render(item, f"{path}[{index}]") for index, item in enumerate(value)]
+        return value
+
+    return json.dumps(render(document, field), ensure_ascii=False, separators=(",", ":"))

@@ -27,7 +27,7 @@ async def main(stop: asyncio.Event) -> None:
         pool = await db.create_pool(settings.database_url, max_size=8, application_name="ingest")
         stack.push_async_callback(pool.close)
         nc = await bus.connect(settings.nats_url, "nudge-ingest")
-        stack.push_async_callback(nc.drain)
+        stack.push_async_callback(nc.close)  # publishes are acked; nothing to drain
         js = nc.jetstream()
         names = bus.BusNames(settings.nats_prefix)
         await bus.ensure_streams(js, names)

@@ -54,6 +54,10 @@ def _identifier(value: str, field: str, max_chars: int) -> str:
         raise EventRejectedError(field, f"is longer than {max_chars} characters")
     if _FORBIDDEN_CHARS.search(normalized):
         raise EventRejectedError(field, "contains control or bidirectional-override characters")
+    try:
+        normalized.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EventRejectedError(field, "is not valid UTF-8 (lone surrogate)") from None
     return normalized
 
 

@@ -25,7 +25,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         pool = await db.create_pool(settings.database_url, max_size=8, application_name="scheduler")
         stack.push_async_callback(pool.close)
         nc = await bus.connect(settings.nats_url, "nudge-scheduler")
-        stack.push_async_callback(nc.drain)
+        stack.push_async_callback(nc.close)  # publishes are acked; nothing to drain
         js = nc.jetstream()
         names = bus.BusNames(settings.nats_prefix)
         await bus.ensure_streams(js, names)

@@ -33,6 +33,9 @@ RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.LockNotAvailableError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
+    # What asyncpg raises on a pooled connection whose server died mid-transaction
+    # (MagicStack/asyncpg#784), instead of ConnectionDoesNotExistError.
+    asyncpg.exceptions.InternalClientError,
     nats.errors.Error,
 )
 """Database and NATS failures the firing loop outlives by retrying with backoff."""

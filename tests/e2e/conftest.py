@@ -78,3 +78,5 @@ def stack(
         yield Stack(services, api_key, workspace_id, database_url, smtp_sink, http_sink)
     finally:
         services.stop_all()
+    exit_codes = {name: p.returncode for name, p in services.processes.items()}
+    assert exit_codes == dict.fromkeys(exit_codes, 0), f"unclean drain: {exit_codes}"

@@ -2,8 +2,9 @@
 
 Starts `nudge up` on free ports with a fresh state directory (embedded Postgres, nats-server,
 the four services), waits for its `nudge ready:` line, checks gRPC health of the four services,
-tracks events with `nudge track` (which finds the address and API key in `.nudge/env`), then
-stops the stack with SIGTERM and checks that it exits 0 and leaves no service process behind.
+tracks events with `nudge track` (which finds the address and API key in `.nudge/env`), kills
+a service to see it restarted, then stops the stack with SIGTERM and checks that it exits 0 and
+leaves no service process behind.
 """
 
 from __future__ import annotations
@@ -76,12 +77,15 @@ class Output:
                 self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
                 self._changed.notify_all()
 
-    def wait_for(self, prefix: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
-        """The first line starting with `prefix`; fail if the process exits or time runs out."""
+    def wait_for(
+        self, prefix: str, proc: subprocess.Popen[bytes], timeout: float, after: int = 0
+    ) -> str:
+        """The first line from index `after` on that starts with `prefix`; fail if the process
+        exits or time runs out."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                for line in self.lines:
+                for line in self.lines[after:]:
                     if line.startswith(prefix):
                         return line
                 if proc.poll() is not None:
@@ -133,7 +137,9 @@ def _alive(pid: int) -> bool:
 
 def test_up_serves_tracks_and_stops_cleanly(state_root: Path) -> None:
     *service_ports, nats_port = _free_ports(5)
-    addresses = {name: f"127.0.0.1:{port}" for name, port in zip(SERVICES, service_ports)}
+    addresses = {
+        name: f"127.0.0.1:{port}" for name, port in zip(SERVICES, service_ports, strict=True)
+    }
     env = _base_env()
     env.update({f"NUDGE_{name.upper()}_ADDR": addr for name, addr in addresses.items()})
     env["NUDGE_NATS_PORT"] = str(nats_port)
@@ -179,6 +185,20 @@ def test_up_serves_tracks_and_stops_cleanly(state_root: Path) -> None:
         assert refused.returncode == 2
         assert refused.stderr.startswith("error: UNAUTHENTICATED: "), refused.stderr
 
+        # The supervisor restarts a service that dies.
+        seen = len(output.lines)
+        os.kill(pids["ingest"], signal.SIGKILL)
+        restarted = output.wait_for("nudge: started ingest (pid ", proc, 10, after=seen)
+        new_pid = int(re.findall(r"pid (\d+)", restarted)[0])
+        assert new_pid != pids["ingest"]
+        pids["ingest"] = new_pid
+        deadline = time.monotonic() + 20
+        while check(addresses["ingest"]) != (True, "SERVING"):
+            assert time.monotonic() < deadline, output.tail()
+            time.sleep(0.1)
+        after_restart = _nudge(state_root, *args)
+        assert after_restart.stdout.startswith("accepted "), after_restart.stderr
+
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         try:
@@ -194,3 +214,28 @@ def test_up_serves_tracks_and_stops_cleanly(state_root: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)  # the services die with it (PR_SET_PDEATHSIG)
             proc.wait()
         output.close()
+
+
+def test_up_fails_fast_when_a_service_cannot_start(state_root: Path) -> None:
+    *service_ports, nats_port = _free_ports(5)
+    env = _base_env()
+    for name, port in zip(SERVICES, service_ports, strict=True):
+        env[f"NUDGE_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
+    env["NUDGE_NATS_PORT"] = str(nats_port)
+    env["NUDGE_WEBHOOK_SECRET"] = "not-a-secret"  # dispatch refuses to start with it
+    result = subprocess.run(
+        [sys.executable, "-m", "nudge.cli.main", "up", "--state-dir", str(state_root / "s")],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=READY_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "error: dispatch exited with rc=" in result.stderr
+    assert "nudge ready" not in result.stdout
+    pids = [int(pid) for pid in re.findall(r"nudge: started \w+ \(pid (\d+)\)", result.stderr)]
+    assert len(pids) == 4
+    assert not [pid for pid in pids if _alive(pid)]

@@ -11,9 +11,12 @@
    passed through; once all report SERVING (grpc.health.v1, 60 s at most) one line
    ``nudge ready: ingest=... rules=... scheduler=... dispatch=...`` and ``api key: nk_...`` go
    to stdout, and ``<state-dir>/env`` gets ``export`` lines for other terminals.
-4. Supervision: a service that dies is restarted with a capped exponential backoff. SIGINT or
-   SIGTERM stops everything: SIGTERM to the services, SIGKILL after 10 s, then nats-server and
-   Postgres if we started them; exit 0.
+4. Supervision: a service that dies is restarted with a capped exponential backoff; one that
+   stops answering SERVING for 30 s is stopped (SIGTERM, SIGKILL after 10 s) and restarted; a
+   nats-server or Postgres we started is restarted if it dies. SIGINT or SIGTERM stops
+   everything: SIGTERM to the services, SIGKILL after 10 s, then nats-server and Postgres if we
+   started them; exit 0. If a service exits before it is healthy, everything is stopped and
+   `nudge up` exits 1 naming it.
 
 Messages of `nudge up` itself go to stderr, prefixed ``nudge:``.
 """
@@ -222,7 +225,7 @@ class UpSettings:
         raw_port = environ.get("NUDGE_NATS_PORT") or str(DEFAULT_NATS_PORT)
         try:
             nats_port = int(raw_port)
-            if not 0 < nats_port < 65536:
+            if not 0 <= nats_port < 65536:
                 raise ValueError
         except ValueError:
             raise CliError(f"NUDGE_NATS_PORT: not a port: {raw_port!r}", EXIT_USAGE) from None
@@ -372,7 +375,9 @@ class Stack:
             self.stop_signal.raise_if_set()
             if not self.nats_url:
                 port = self.settings.nats_port
-                if not port_is_free(port):
+                if port == 0:
+                    port = free_port()
+                elif not port_is_free(port):
                     busy, port = port, free_port()
                     say(f"port {busy} is busy; nats-server will use port {port}")
                 nats = start_nats(state / "nats", port)

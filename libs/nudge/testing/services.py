@@ -123,13 +123,17 @@ class ServiceProcesses:
                 process.wait(5)
         return int(process.returncode)
 
-    def stop_all(self) -> None:
-        """SIGTERM every running service, then SIGKILL leftovers."""
+    def stop_all(self) -> dict[str, float]:
+        """SIGTERM every running service, then SIGKILL leftovers; return seconds each took."""
+        started = time.monotonic()
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
+        took: dict[str, float] = {}
         for name in list(self.processes):
             self.stop(name)
+            took[name] = time.monotonic() - started
+        return took
 
     def log(self, name: str) -> str:
         """The service's output so far (last 6000 characters)."""
