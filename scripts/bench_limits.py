@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import grpc
 import nats
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from nats.js.api import StorageType, StreamConfig
 
 
@@ -21,8 +21,17 @@ def _events_like_rows(count: int) -> list[tuple[Any, ...]]:
     now = datetime.now(UTC)
     properties = json.dumps({"path": "/products/1234", "referrer": "search", "ms": 42})
     return [
-        ("bench", f"copy-{i}", f"u{i * 7919 % 10_000}", "page_viewed", now, properties, "{}",
-         "{}", b"\x00" * 32)  # fmt: skip
+        (
+            "bench",
+            f"copy-{i}",
+            f"u{i * 7919 % 10_000}",
+            "page_viewed",
+            now,
+            properties,
+            "{}",
+            "{}",
+            b"\x00" * 32,
+        )
         for i in range(count)
     ]
 
@@ -52,8 +61,7 @@ async def pg_copy(dsn: str, rows: int, runs: int) -> dict[str, Any]:
         await conn.execute("DROP TABLE IF EXISTS bench_copy_indexed, bench_copy_no_index")
         await conn.execute("CREATE TABLE bench_copy_indexed (LIKE events INCLUDING ALL)")
         await conn.execute(
-            "CREATE TABLE bench_copy_no_index"
-            " (LIKE events INCLUDING DEFAULTS INCLUDING IDENTITY)"
+            "CREATE TABLE bench_copy_no_index (LIKE events INCLUDING DEFAULTS INCLUDING IDENTITY)"
         )
         for _ in range(runs):
             for variant in ("indexed", "no_index"):
@@ -80,33 +88,32 @@ async def pg_copy(dsn: str, rows: int, runs: int) -> dict[str, Any]:
 
 
 async def jetstream_publish(
-    nats_url: str, messages: int, window: int, sync_seconds: float, payload_bytes: int
+    nats_url: str, seconds: float, window: int, sync_seconds: float, payload_bytes: int
 ) -> dict[str, Any]:
-    """Async publishes (acks awaited per window) and one-at-a-time publishes to a scratch FILE
-    stream on the bench's nats-server (sync_interval: always, so every ack follows an fsync)."""
+    """Async publishes (acks awaited per window of `window` messages) for two runs of `seconds`
+    each, then one-at-a-time publishes for `sync_seconds`, to a scratch FILE stream on the
+    bench's nats-server (sync_interval: always, so every ack follows an fsync)."""
     nc = await nats.connect(nats_url, name="nudge-bench-limits")
     js = nc.jetstream()
     stream = "BENCH_LIMIT"
     payload = b"x" * payload_bytes
+    runs: list[float] = []
+    counts: list[int] = []
     try:
         await js.add_stream(
             StreamConfig(name=stream, subjects=["benchlimit.>"], storage=StorageType.FILE)
         )
         # Warm up (stream file creation, connection buffers).
         await asyncio.gather(*[await js.publish_async("benchlimit.a", payload) for _ in range(200)])
-        runs: list[float] = []
-        per_run = messages // 2
         for _ in range(2):
             started = time.perf_counter()
             sent = 0
-            while sent < per_run:
-                futures = [
-                    await js.publish_async("benchlimit.a", payload)
-                    for _ in range(min(window, per_run - sent))
-                ]
+            while time.perf_counter() - started < seconds:
+                futures = [await js.publish_async("benchlimit.a", payload) for _ in range(window)]
                 await asyncio.gather(*futures)
                 sent += len(futures)
-            runs.append(per_run / (time.perf_counter() - started))
+            runs.append(sent / (time.perf_counter() - started))
+            counts.append(sent)
         sync_count = 0
         started = time.perf_counter()
         while time.perf_counter() - started < sync_seconds:
@@ -122,8 +129,8 @@ async def jetstream_publish(
         "value": statistics.median(runs),
         "runs": runs,
         "detail": {
-            "mode": f"publish_async, acks awaited every {window} messages",
-            "messages_per_run": per_run,
+            "mode": f"publish_async, acks awaited every {window} messages, ~{seconds}s per run",
+            "messages_per_run": counts,
             "payload_bytes": payload_bytes,
             "sync_one_at_a_time_per_s": sync_rate,
             "stream": "FILE storage, nats-server sync_interval: always",
@@ -135,14 +142,18 @@ async def jetstream_publish(
 async def grpc_roundtrip(address: str, calls: int) -> dict[str, Any]:
     """Sequential grpc.health.v1 Check round trips to a running (idle) service."""
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
         request = health_pb2.HealthCheckRequest(service="")
         for _ in range(50):
-            await stub.Check(request, timeout=5)
+            await check(request, timeout=5)
         samples: list[float] = []
         for _ in range(calls):
             started = time.perf_counter()
-            await stub.Check(request, timeout=5)
+            await check(request, timeout=5)
             samples.append((time.perf_counter() - started) * 1000)
     samples.sort()
     return {
@@ -152,5 +163,33 @@ async def grpc_roundtrip(address: str, calls: int) -> dict[str, Any]:
             "calls": calls,
             "p99_ms": samples[int(0.99 * (len(samples) - 1))],
             "target": f"ingest service health Check at {address} (grpc.aio client, idle system)",
+        },
+    }
+
+
+async def pg_commit(dsn: str, commits: int) -> dict[str, Any]:
+    """Sequential one-row INSERT commits over one connection: the price of one fsync'ed commit
+    (WAL flush), which every stage of the trigger path pays at least once."""
+    conn = await asyncpg.connect(dsn)
+    samples: list[float] = []
+    try:
+        await conn.execute("DROP TABLE IF EXISTS bench_commit")
+        await conn.execute("CREATE TABLE bench_commit (id bigint)")
+        for i in range(commits):
+            started = time.perf_counter()
+            await conn.execute("INSERT INTO bench_commit VALUES ($1)", i)
+            samples.append((time.perf_counter() - started) * 1000)
+    finally:
+        await conn.execute("DROP TABLE IF EXISTS bench_commit")
+        await conn.close()
+    samples.sort()
+    return {
+        "value": statistics.median(samples),
+        "runs": [statistics.median(samples)],
+        "detail": {
+            "commits": commits,
+            "p90_ms": samples[int(0.9 * (len(samples) - 1))],
+            "p99_ms": samples[int(0.99 * (len(samples) - 1))],
+            "what": "autocommit INSERT of one row, synchronous_commit=on, fsync=on",
         },
     }

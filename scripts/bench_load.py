@@ -115,7 +115,7 @@ async def run_ingest(config: dict[str, Any]) -> dict[str, Any]:
 
     calls: list[_Call] = []
     async with grpc.aio.insecure_channel(config["address"], options=CHANNEL_OPTIONS) as channel:
-        track = channel.unary_unary(TRACK_METHOD)
+        track: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(TRACK_METHOD)
         # One warm-up call so connection set-up is not inside the window.
         await track(next_request(), metadata=metadata, timeout=30)
         cpu_start = _cpu_s()
@@ -229,7 +229,7 @@ async def run_trigger(config: dict[str, Any]) -> dict[str, Any]:
     call_ms: list[float] = []
     lateness_ms: list[float] = []
     async with grpc.aio.insecure_channel(config["address"], options=CHANNEL_OPTIONS) as channel:
-        track = channel.unary_unary(TRACK_METHOD)
+        track: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(TRACK_METHOD)
         period = 1.0 / config["tick_hz"]
 
         async def send(request: bytes, match_at: int, order_id: str, planned: float) -> None:
@@ -246,8 +246,9 @@ async def run_trigger(config: dict[str, Any]) -> dict[str, Any]:
             codes["OK"] = codes.get("OK", 0) + 1
             call_ms.append((ended - started) * 1000)
             # Only the status of the matching event is needed; parse after timing.
-            matches.append({"order_id": order_id, "sent": started, "ok": ended, "raw": raw,
-                            "at": match_at})  # fmt: skip
+            matches.append(
+                {"order_id": order_id, "sent": started, "ok": ended, "raw": raw, "at": match_at}
+            )
 
         cpu_start = _cpu_s()
         t0 = time.monotonic() + 0.05

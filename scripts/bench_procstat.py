@@ -111,7 +111,9 @@ class CpuMeter:
         ours = sum(used.values())
         return {
             "cpu_s": used,
-            "cores_used": {name: round(v / wall_s, 2) for name, v in used.items()} if wall_s else {},
+            "cores_used": {name: round(v / wall_s, 2) for name, v in used.items()}
+            if wall_s
+            else {},
             "machine_busy_share": round(busy / total, 3) if total else None,
             "other_processes_cpu_s": round(max(busy - ours, 0.0), 3),
             "wall_s": round(wall_s, 3),

@@ -116,8 +116,9 @@ def work_queue_consumer(durable: str, subject: str, ack_wait_s: float = 60.0) ->
         filter_subject=subject,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
+        # No BackOff list: JetStream would use its first entry as the ack wait of the first
+        # delivery and redeliver work that is still running. Handlers pace retries with NAK delays.
         max_deliver=8,
-        backoff=[1.0, 5.0, 30.0, 120.0, 600.0],
         max_ack_pending=1000,
     )
 

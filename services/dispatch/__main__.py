@@ -58,7 +58,9 @@ async def main(stop: asyncio.Event) -> None:
         supervisor = runtime.Supervisor(stop)
         stack.push_async_callback(supervisor.aclose)
         supervisor.start("clock", clock.run())
-        supervisor.start("consumer", consume_send_requests(js, names, dispatcher))
+        supervisor.start(
+            "consumer", consume_send_requests(js, names, dispatcher, ack_wait_s=settings.ack_wait_s)
+        )
         supervisor.start("sweeper", dispatcher.run_sweeper())
 
         server = await start_grpc_server(

@@ -18,11 +18,16 @@ DURABLE = "dispatch"
 
 
 async def consume_send_requests(
-    js: JetStreamContext, names: BusNames, dispatcher: Dispatcher, *, batch: int = 64
+    js: JetStreamContext,
+    names: BusNames,
+    dispatcher: Dispatcher,
+    *,
+    batch: int = 64,
+    ack_wait_s: float = 60.0,
 ) -> None:
     """Pull send requests forever; ack each after its outcome (or retry state) is committed."""
     subject = f"{names.prefix}.dispatch.>"
-    config: ConsumerConfig = work_queue_consumer(DURABLE, subject)
+    config: ConsumerConfig = work_queue_consumer(DURABLE, subject, ack_wait_s)
     subscription = await js.pull_subscribe(
         subject, durable=DURABLE, stream=names.dispatch_stream, config=config
     )

@@ -21,13 +21,14 @@ class Settings:
     webhook_secret: str
     webhook_allow_hosts: tuple[str, ...]
     lease_s: float
+    ack_wait_s: float
     retry_window_s: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read NUDGE_DISPATCH_ADDR, DATABASE_URL, NATS_URL, NUDGE_SMTP_URL, NUDGE_EMAIL_FROM,
         NUDGE_WEBHOOK_SECRET, NUDGE_WEBHOOK_ALLOW_HOSTS, NUDGE_DISPATCH_LEASE_S,
-        NUDGE_RETRY_WINDOW_S."""
+        NUDGE_DISPATCH_ACK_WAIT_S, NUDGE_RETRY_WINDOW_S."""
         allow = env_str("NUDGE_WEBHOOK_ALLOW_HOSTS", "-", env)
         return cls(
             address=env_address("NUDGE_DISPATCH_ADDR", "127.0.0.1:50054", env),
@@ -39,5 +40,6 @@ class Settings:
             webhook_secret=env_str("NUDGE_WEBHOOK_SECRET", None, env),
             webhook_allow_hosts=tuple(h for h in allow.split(",") if h and h != "-"),
             lease_s=env_float("NUDGE_DISPATCH_LEASE_S", 60.0, env),
+            ack_wait_s=env_float("NUDGE_DISPATCH_ACK_WAIT_S", 60.0, env),
             retry_window_s=env_float("NUDGE_RETRY_WINDOW_S", 86400.0, env),
         )

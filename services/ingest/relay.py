@@ -59,7 +59,7 @@ def chunk_messages(events: Sequence[StoredEvent]) -> Iterator[tuple[str, str, by
         for event in items:
             record = _to_proto(event)
             full = len(batch.events) >= MAX_EVENTS_PER_MESSAGE
-            too_big = batch.ByteSize() + record.ByteSize() > MAX_BYTES_PER_MESSAGE
+            too_big = batch.ByteSize() + _framed_size(record) > MAX_BYTES_PER_MESSAGE
             if first is not None and last is not None and (full or too_big):
                 yield workspace_id, _msg_id(workspace_id, first, last), batch.SerializeToString()
                 batch = ingest_pb2.EventBatch()
@@ -69,6 +69,12 @@ def chunk_messages(events: Sequence[StoredEvent]) -> Iterator[tuple[str, str, by
             last = event
         if first is not None and last is not None:
             yield workspace_id, _msg_id(workspace_id, first, last), batch.SerializeToString()
+
+
+def _framed_size(record: ingest_pb2.RecordedEvent) -> int:
+    # Inside EventBatch each event also costs its field tag (1 byte) and a varint length prefix.
+    size = record.ByteSize()
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
 
 
 def _msg_id(workspace_id: str, first: StoredEvent, last: StoredEvent) -> str:

@@ -57,7 +57,9 @@ async def main(stop: asyncio.Event) -> None:
         supervisor = runtime.Supervisor(stop)
         stack.push_async_callback(supervisor.aclose)
         supervisor.start("projection", project_forever(projector, projection_wake))
-        supervisor.start("timers", consume_fired_timers(js, names, timers))
+        supervisor.start(
+            "timers", consume_fired_timers(js, names, timers, ack_wait_s=settings.ack_wait_s)
+        )
         supervisor.start("outbox", outbox.run())
 
         servicer = RulesServicer(pool, KeyVerifier(pool), CampaignAdmin(pool), UserViews(pool))

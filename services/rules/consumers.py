@@ -48,7 +48,12 @@ async def subscribe_wakeups(nc: NatsClient, names: BusNames, wake: asyncio.Event
 
 
 async def consume_fired_timers(
-    js: JetStreamContext, names: BusNames, handler: TimerHandler, *, batch: int = 64
+    js: JetStreamContext,
+    names: BusNames,
+    handler: TimerHandler,
+    *,
+    batch: int = 64,
+    ack_wait_s: float = 60.0,
 ) -> None:
     """Handle fired timers forever; ack after the effect commits (inbox makes repeats no-ops)."""
     subject = names.timers_subject(TIMER_TOPIC)
@@ -56,7 +61,7 @@ async def consume_fired_timers(
         subject,
         durable=TIMERS_DURABLE,
         stream=names.timers_stream,
-        config=work_queue_consumer(TIMERS_DURABLE, subject),
+        config=work_queue_consumer(TIMERS_DURABLE, subject, ack_wait_s),
     )
     while True:
         try:

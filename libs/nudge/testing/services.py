@@ -40,6 +40,7 @@ class ServiceProcesses:
     log_dir: Path
     addresses: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _terminated: set[str] = field(default_factory=set)
 
     @classmethod
     def configure(
@@ -71,6 +72,7 @@ class ServiceProcesses:
     def start(self, name: str) -> None:
         """Start one service process (its output goes to <log_dir>/<name>.log)."""
         log = (self.log_dir / f"{name}.log").open("ab")
+        self._terminated.discard(name)
         self.processes[name] = subprocess.Popen(  # noqa: S603 (our own module)
             [sys.executable, "-m", f"services.{name}"],
             env=self.env,
@@ -115,7 +117,7 @@ class ServiceProcesses:
         """SIGTERM one service (a graceful drain); return its exit code."""
         process = self.processes[name]
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            self._terminate(name)
             try:
                 process.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -126,14 +128,21 @@ class ServiceProcesses:
     def stop_all(self) -> dict[str, float]:
         """SIGTERM every running service, then SIGKILL leftovers; return seconds each took."""
         started = time.monotonic()
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+        for name in self.processes:
+            self._terminate(name)
         took: dict[str, float] = {}
         for name in list(self.processes):
             self.stop(name)
             took[name] = time.monotonic() - started
         return took
+
+    def _terminate(self, name: str) -> None:
+        # One SIGTERM per process: a second one could land after the service's handler is gone
+        # (asyncio.run removes it while finishing) and kill a clean drain.
+        process = self.processes[name]
+        if process.poll() is None and name not in self._terminated:
+            self._terminated.add(name)
+            process.send_signal(signal.SIGTERM)
 
     def log(self, name: str) -> str:
         """The service's output so far (last 6000 characters)."""

@@ -44,7 +44,7 @@ class Ingest:
 
     pool: asyncpg.Pool
     committer: GroupCommitter
-    stub: ingest_pb2_grpc.IngestServiceStub
+    stub: ingest_pb2_grpc.IngestServiceAsyncStub
     workspace_id: str
     api_key: str
 
@@ -265,7 +265,8 @@ async def test_calls_without_a_valid_key_are_unauthenticated_and_store_nothing(
     key_id = ingest.api_key.split("_")[1]
     revoked = await ingest.key()
     await ingest.pool.execute(
-        "UPDATE api_keys SET revoked_at = clock_timestamp() WHERE key_id = $1", revoked.split("_")[1]
+        "UPDATE api_keys SET revoked_at = clock_timestamp() WHERE key_id = $1",
+        revoked.split("_")[1],
     )
     expired = await ingest.key()
     await ingest.pool.execute(
@@ -399,9 +400,7 @@ async def test_a_workspace_over_its_rate_is_resource_exhausted_and_others_are_no
         await ensure_workspace(ingest.pool, "ws-neighbour")
         neighbour = await create_api_key(ingest.pool, "ws-neighbour")
 
-        assert statuses(await ingest.track(event("e1"), event("e2"), event("e3"))) == [
-            ACCEPTED
-        ] * 3
+        assert statuses(await ingest.track(event("e1"), event("e2"), event("e3"))) == [ACCEPTED] * 3
         error = await ingest.track_error(event("e4"))
 
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
