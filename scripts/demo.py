@@ -310,6 +310,12 @@ class NudgeUp:
                 ) from None
         return self.proc.returncode
 
+    def close(self) -> None:
+        """After a failure: stop it gracefully if it still runs, SIGKILL if that hangs."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(DemoFailed):
+                self.stop(STOP_TIMEOUT_S)
+
     def kill(self) -> None:
         """SIGKILL the process group (services, nats-server and Postgres die with it)."""
         if self.proc is not None and self.proc.poll() is None:
@@ -628,7 +634,7 @@ def run(work_dir: Path) -> bool:
             for warning in warnings:
                 say(f"     warning: {warning} (log kept: {log_path})")
         finally:
-            up.kill()
+            up.close()
     say()
     say(
         f"Demo OK: {len(mails)} emails and {len(hooks)} webhooks delivered as expected, "

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BUF = shutil.which("buf", path=str(Path(sys.executable).parent))
 
 
-def _buf_curl(stack: Stack, method: str, body: dict[str, object], key: str) -> dict[str, object]:
+def _buf_curl(stack: Stack, method: str, body: Mapping[str, object], key: str) -> dict[str, object]:
     assert BUF is not None, "buf-bin is a dev dependency; run make install"
     completed = subprocess.run(
         [

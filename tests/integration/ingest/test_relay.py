@@ -342,7 +342,7 @@ async def test_a_pending_range_left_in_the_checkpoint_is_finished_before_new_eve
     await rig.stop_all()
 
     assert recording.msg_ids[0] == msg_id
-    assert [ack.duplicate for ack in recording.acks] == [True, False]
+    assert [bool(ack.duplicate) for ack in recording.acks] == [True, False]
     assert await rig.message_count() == 3
     keys = [k for m in await rig.published() for k in m.keys]
     assert keys == [("ws-a", f"e{i}") for i in range(1, 6)]
