@@ -28,6 +28,7 @@ lint: $(STAMP) check-protos
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy libs services tests scripts
 	cd protos && ../$(BIN)/buf lint
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

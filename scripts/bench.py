@@ -807,6 +807,12 @@ async def measure_trigger(
     stages = await stage_breakdown(
         conn, match_prefix, ok_by_order, mail_by_order, _clock_offset(), tap
     )
+    decisions = await conn.fetch(
+        "SELECT kind, count(*) AS n FROM decisions WHERE workspace_id = $1 AND user_id LIKE $2"
+        " GROUP BY kind ORDER BY kind",
+        WORKSPACE,
+        tag + "%",
+    )
     p50 = percentile(latencies, 0.5)
     p99 = percentile(latencies, 0.99)
     detail = {
@@ -825,6 +831,10 @@ async def measure_trigger(
         "pacer_lateness_ms_p99": result["pacer_lateness_ms_p99"],
         "latency_ms": spread(latencies),
         "stages_ms": stages,
+        "stages_note": "stages come from DB timestamps (statement time, before commit) and NATS "
+        "taps in the bench process; rules reads the store, not NATS, so it may apply an event "
+        "before the tap sees the relay's message (negative relay_publish_to_rules_decision)",
+        "decisions_written_by_kind": {r["kind"]: r["n"] for r in decisions},
         "idle_single_event_latency_ms": spread(idle),
         "open_xid_transactions": xids,
         "cpu": cpu,
