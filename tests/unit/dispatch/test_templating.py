@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -159,13 +160,23 @@ def test_partials_are_disabled() -> None:
         render_one("{% include 'secrets' %}", context())
 
 
-def test_json_filter_quotes_user_data_for_payloads() -> None:
+def test_json_filter_quotes_user_data() -> None:
     ctx = context(first_name='Ann", "admin": true, "x": "')
-    out = render_one('{"name": {{ user.traits.first_name | json }}}', ctx, field="payload")
+    out = render_one('{"name": {{ user.traits.first_name | json }}}', ctx, field="body")
     assert out == '{"name": "Ann\\", \\"admin\\": true, \\"x\\": \\""}'
     with pytest.raises(RenderError, match=r"user\.traits\.nope"):
-        render_one("{{ user.traits.nope | json }}", ctx, field="payload")
+        render_one("{{ user.traits.nope | json }}", ctx, field="body")
     assert render_one("{{ user.traits.nope | default: nil | json }}", ctx) == "null"
+
+
+def test_payload_leaves_are_templates_so_user_data_cannot_change_its_shape() -> None:
+    ctx = context(first_name='Ann", "admin": true, "x": "')
+    out = render_one(
+        '{"name": "{{ user.traits.first_name }}", "n": [1, "{{ user.id }}"]}', ctx, field="payload"
+    )
+    assert json.loads(out) == {"name": 'Ann", "admin": true, "x": "', "n": [1, "u1"]}
+    with pytest.raises(RenderError, match="not valid JSON"):
+        render_one('{"name": {{ user.id }}}', ctx, field="payload")
 
 
 def test_compiled_templates_are_cached_by_source() -> None:
