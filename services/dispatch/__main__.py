@@ -15,6 +15,7 @@ from nudge.grpcserver import ServiceBinding, start_grpc_server
 from nudge.logs import setup_logging
 from services.dispatch.application import Dispatcher
 from services.dispatch.channels.base import Channel
+from services.dispatch.channels.configured import provider_channels
 from services.dispatch.channels.console import ConsoleChannel
 from services.dispatch.channels.email import SmtpChannel
 from services.dispatch.channels.webhook import WebhookChannel
@@ -44,6 +45,7 @@ async def main(stop: asyncio.Event) -> None:
             ),
             "console": ConsoleChannel(),
         }
+        channels.update(provider_channels(settings))  # push, sms: only when their URL is set
         for channel in channels.values():
             stack.push_async_callback(channel.aclose)
         clock = DbClock(pool)

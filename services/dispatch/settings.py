@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from nudge.config import env_address, env_float, env_str
+from nudge.config import ConfigError, env_address, env_float, env_int, env_str
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,19 @@ class Settings:
     lease_s: float
     ack_wait_s: float
     retry_window_s: float
+    fcm: FcmSettings | None = None
+    apns: ApnsSettings | None = None
+    twilio: TwilioSettings | None = None
+    provider_ca_file: str | None = None
+    provider_timeout_s: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read NUDGE_DISPATCH_ADDR, DATABASE_URL, NATS_URL, NUDGE_SMTP_URL, NUDGE_EMAIL_FROM,
         NUDGE_WEBHOOK_SECRET, NUDGE_WEBHOOK_ALLOW_HOSTS, NUDGE_DISPATCH_LEASE_S,
-        NUDGE_DISPATCH_ACK_WAIT_S, NUDGE_RETRY_WINDOW_S."""
+        NUDGE_DISPATCH_ACK_WAIT_S, NUDGE_RETRY_WINDOW_S; the push and SMS providers (each
+        configured only when its URL is set, see FcmSettings, ApnsSettings, TwilioSettings),
+        NUDGE_PROVIDER_CA_FILE and NUDGE_PROVIDER_TIMEOUT_S."""
         allow = env_str("NUDGE_WEBHOOK_ALLOW_HOSTS", "-", env)
         return cls(
             address=env_address("NUDGE_DISPATCH_ADDR", "127.0.0.1:50054", env),
@@ -42,4 +49,103 @@ class Settings:
             lease_s=env_float("NUDGE_DISPATCH_LEASE_S", 60.0, env),
             ack_wait_s=env_float("NUDGE_DISPATCH_ACK_WAIT_S", 60.0, env),
             retry_window_s=env_float("NUDGE_RETRY_WINDOW_S", 86400.0, env),
+            fcm=FcmSettings.from_env(env),
+            apns=ApnsSettings.from_env(env),
+            twilio=TwilioSettings.from_env(env),
+            provider_ca_file=_optional("NUDGE_PROVIDER_CA_FILE", env),
+            provider_timeout_s=env_float("NUDGE_PROVIDER_TIMEOUT_S", 10.0, env),
+        )
+
+
+def _optional(name: str, env: Mapping[str, str] | None) -> str | None:
+    value = env_str(name, "-", env)
+    return None if value == "-" else value
+
+
+@dataclass(frozen=True)
+class FcmSettings:
+    """FCM HTTP v1: NUDGE_FCM_URL (enables it), NUDGE_FCM_PROJECT_ID, NUDGE_FCM_TOKEN (a static
+    OAuth2 access token)."""
+
+    url: str
+    project_id: str
+    access_token: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> FcmSettings | None:
+        url = _optional("NUDGE_FCM_URL", env)
+        if url is None:
+            return None
+        return cls(
+            url=url,
+            project_id=env_str("NUDGE_FCM_PROJECT_ID", None, env),
+            access_token=env_str("NUDGE_FCM_TOKEN", None, env),
+        )
+
+
+@dataclass(frozen=True)
+class ApnsSettings:
+    """APNs: NUDGE_APNS_URL (enables it), NUDGE_APNS_TEAM_ID, NUDGE_APNS_KEY_ID,
+    NUDGE_APNS_KEY_FILE (the ES256 .p8 PEM), NUDGE_APNS_TOPIC (bundle id),
+    NUDGE_APNS_PRIORITY (10)."""
+
+    url: str
+    team_id: str
+    key_id: str
+    private_key_pem: str
+    topic: str
+    priority: int = 10
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ApnsSettings | None:
+        url = _optional("NUDGE_APNS_URL", env)
+        if url is None:
+            return None
+        key_file = env_str("NUDGE_APNS_KEY_FILE", None, env)
+        try:
+            with open(key_file, encoding="ascii") as handle:
+                private_key_pem = handle.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError("NUDGE_APNS_KEY_FILE", f"cannot read {key_file!r}: {error}") from None
+        return cls(
+            url=url,
+            team_id=env_str("NUDGE_APNS_TEAM_ID", None, env),
+            key_id=env_str("NUDGE_APNS_KEY_ID", None, env),
+            private_key_pem=private_key_pem,
+            topic=env_str("NUDGE_APNS_TOPIC", None, env),
+            priority=env_int("NUDGE_APNS_PRIORITY", 10, env),
+        )
+
+
+@dataclass(frozen=True)
+class TwilioSettings:
+    """Twilio-style SMS: NUDGE_TWILIO_URL (enables it), NUDGE_TWILIO_ACCOUNT_SID,
+    NUDGE_TWILIO_AUTH_TOKEN, NUDGE_TWILIO_FROM and/or NUDGE_TWILIO_MESSAGING_SERVICE_SID,
+    NUDGE_TWILIO_STATUS_CALLBACK_URL (optional)."""
+
+    url: str
+    account_sid: str
+    auth_token: str
+    from_number: str | None
+    messaging_service_sid: str | None
+    status_callback_url: str | None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TwilioSettings | None:
+        url = _optional("NUDGE_TWILIO_URL", env)
+        if url is None:
+            return None
+        from_number = _optional("NUDGE_TWILIO_FROM", env)
+        service_sid = _optional("NUDGE_TWILIO_MESSAGING_SERVICE_SID", env)
+        if from_number is None and service_sid is None:
+            raise ConfigError(
+                "NUDGE_TWILIO_FROM", "or NUDGE_TWILIO_MESSAGING_SERVICE_SID is required"
+            )
+        return cls(
+            url=url,
+            account_sid=env_str("NUDGE_TWILIO_ACCOUNT_SID", None, env),
+            auth_token=env_str("NUDGE_TWILIO_AUTH_TOKEN", None, env),
+            from_number=from_number,
+            messaging_service_sid=service_sid,
+            status_callback_url=_optional("NUDGE_TWILIO_STATUS_CALLBACK_URL", env),
         )
