@@ -69,8 +69,11 @@ class Supervisor:
 
 async def sleep_or_wake(wake: asyncio.Event, timeout_s: float) -> None:
     """Wait until `wake` is set or `timeout_s` passes, then clear `wake`."""
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+    # arrives together with `wake` being set, so the task would ignore Supervisor.aclose().
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(wake.wait(), timeout=max(timeout_s, 0.0))
+        async with asyncio.timeout(max(timeout_s, 0.0)):
+            await wake.wait()
     wake.clear()
 
 

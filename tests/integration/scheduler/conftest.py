@@ -181,6 +181,8 @@ class Rig:
 async def _stop(entry: tuple[FiringLoop, asyncio.Task[None], asyncpg.Pool]) -> None:
     _, task, pool = entry
     task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert done, "the firing loop ignored its cancellation"
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await pool.close()

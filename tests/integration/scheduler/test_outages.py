@@ -21,13 +21,15 @@ from .conftest import Rig
 @pytest.fixture
 async def own_postgres(pg_data_dir: Path) -> AsyncIterator[PostgresHandle]:
     """A Postgres of this test's own, so the test can kill it."""
-    handle = await asyncio.to_thread(start_postgres, pg_data_dir, tcp_port=0)
+    # Servers are started and stopped on the main thread (blocking the event loop briefly), so
+    # the kernel stops them if this test process dies (PR_SET_PDEATHSIG, see nudge.dev.stack).
+    handle = start_postgres(pg_data_dir, tcp_port=0)
     try:
         assert handle.tcp_dsn is not None
         await apply_migrations(handle.tcp_dsn)
         yield handle
     finally:
-        await asyncio.to_thread(handle.stop)
+        handle.stop()
 
 
 @pytest.fixture
@@ -56,9 +58,9 @@ async def test_timers_fire_once_after_postgres_crashes_and_recovers(
     ids = [(await rig.schedule(now + timedelta(seconds=2 + i * 0.01))).timer_id for i in range(20)]
     loop = await rig.start_loop(max_idle_s=1.0)
 
-    await asyncio.to_thread(own_postgres.kill)
+    own_postgres.kill()
     await asyncio.sleep(2.5)  # the timers come due while the database is down
-    await asyncio.to_thread(own_postgres.restart)
+    own_postgres.restart()
 
     received = await inbox.wait_for(20, timeout_s=30)
     await rig.wait_until_states({"fired": 20})
@@ -74,11 +76,11 @@ async def test_timers_fire_once_after_nats_restarts(rig: Rig, nats_server: NatsH
     ids = [(await rig.schedule(now + HOUR_AND(i))).timer_id for i in range(10)]
     loop = await rig.start_loop(max_idle_s=1.0, publish_timeout_s=0.5)
 
-    await asyncio.to_thread(nats_server.stop)
+    nats_server.stop()
     await rig.advance_clock(timedelta(hours=2))  # due while NATS is down: publishing fails
     await asyncio.sleep(1.5)
     assert await rig.states() == {"pending": 10}
-    await asyncio.to_thread(nats_server.restart)
+    nats_server.restart()
 
     received = await inbox.wait_for(10, timeout_s=30)
     await rig.wait_until_states({"fired": 10})
