@@ -9,24 +9,29 @@ stdout gets JSON lines only: first ``{"facts": ...}`` (machine, commit, settings
 ``{"metric": NAME, "value": V, "unit": U, "runs": [...], "detail": {...}}`` per figure, last
 ``{"summary": ...}`` with the targets. Progress goes to stderr.
 
-Figures, in the order they are measured:
+Figures, in the order they are measured (limits first, before the services start):
 
 * ``limit_pg_copy_rows_per_s``: asyncpg COPY of events-shaped rows into a LOGGED scratch table
   ``LIKE events INCLUDING ALL`` (same indexes); the no-index figure is in the detail.
+* ``limit_pg_commit_ms``: one-row autocommit INSERT round trip (the price of one WAL flush).
 * ``limit_jetstream_publish_per_s``: async publishes (acks awaited in windows) to a scratch FILE
   stream; the one-at-a-time rate is in the detail.
 * ``limit_grpc_roundtrip_ms``: median grpc.health.v1 Check round trip to the idle ingest service.
 * ``trigger_latency_ms_p50`` / ``_p99``: the example ``order-shipped`` campaign (immediate email)
   under ~1,000 ``order_shipped`` events/s, ~50/s matching the filter, each for its own
   identified user; from Track returning OK (load process) to the SMTP sink receiving the mail
-  (bench process), both on CLOCK_MONOTONIC. The detail splits the path into stages using the
-  database timestamps (events.received_at, campaign_instances.created_at, sends.created_at).
+  (bench process), both on CLOCK_MONOTONIC. The detail has: the latency of single events sent
+  one at a time before the load (no queueing), the path split into stages (database timestamps
+  events.received_at, campaign_instances.created_at, sends.created_at/sent_at, plus core NATS
+  taps on the events and dispatch subjects), the ages of open xid-holding transactions per
+  service (gap-free readers wait for them), and the decisions rules wrote.
 * ``ingest_events_per_s``: closed-loop Track calls of 100 events from a separate load process,
   median of the runs; ``projection_drain_s``, ``projection_events_per_s`` and
   ``projection_keeps_up`` from the rules checkpoint after each run.
 
 Every window also records CPU seconds per process tree (services, postgres, nats-server, load
-generator) and the machine's busy share, so a figure can be read against what else ran.
+generator; ingest runs also per accepted event) and the machine's busy share, including the CPU
+of processes that are not ours: on a shared machine, read the figures against that.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -71,7 +76,7 @@ from nudge.rules.v1 import rules_pb2, rules_pb2_grpc  # noqa: E402
 from nudge.testing.services import SERVICES, ServiceProcesses  # noqa: E402
 from nudge.testing.sinks import SmtpSink  # noqa: E402
 from scripts import bench_limits  # noqa: E402
-from scripts.bench_procstat import CpuMeter, format_delta  # noqa: E402
+from scripts.bench_procstat import CpuMeter, CpuSnapshot, format_delta  # noqa: E402
 
 CAMPAIGN_FILE = ROOT / "examples" / "campaigns" / "order-shipped.yaml"
 WORKSPACE = "bench"
@@ -83,6 +88,7 @@ TARGETS = {
     "trigger_latency_ms_p99": ("<=", 100.0),
     "projection_keeps_up": ("==", True),
 }
+PHASES = frozenset({"limits", "trigger", "ingest"})
 KEEPS_UP_DRAIN_S = 2.0
 """The projection keeps up when it reaches the last event at most this long after load stops."""
 
@@ -95,8 +101,6 @@ def emit(line: dict[str, Any]) -> None:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 3)
     return str(value)
 
 
@@ -171,6 +175,7 @@ class Options:
     profile: frozenset[str]
     keep: bool
     skip: frozenset[str]
+    probes: bool
 
     @classmethod
     def parse(cls, argv: list[str] | None = None) -> Options:
@@ -204,12 +209,21 @@ class Options:
             "--skip", default="", help="comma-separated phases to skip: limits,trigger,ingest"
         )
         parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
+        parser.add_argument(
+            "--no-probes",
+            action="store_true",
+            help="no NATS taps / pg_stat_activity sampling during the trigger load (their cost "
+            "is ~0.05 core; the stage breakdown then lacks the NATS stages)",
+        )
         args = parser.parse_args(argv)
         quick = bool(args.quick)
         profile = frozenset(s for s in args.profile.split(",") if s)
         unknown = profile - set(SERVICES)
         if unknown:
             parser.error(f"--profile: unknown services {sorted(unknown)}")
+        skip = frozenset(s for s in args.skip.split(",") if s)
+        if skip - PHASES:
+            parser.error(f"--skip: unknown phases {sorted(skip - PHASES)}")
         return cls(
             ingest_runs=1 if quick else args.ingest_runs,
             ingest_seconds=3.0 if quick else args.ingest_seconds,
@@ -226,7 +240,8 @@ class Options:
             js_seconds=0.5 if quick else 1.5,
             profile=profile,
             keep=bool(args.keep) or bool(profile),
-            skip=frozenset(s for s in args.skip.split(",") if s),
+            skip=skip,
+            probes=not args.no_probes,
         )
 
 
@@ -541,8 +556,10 @@ class BusTap:
     outbox_seen: dict[str, float] = field(default_factory=dict)
     _nc: Any = None
 
-    async def start(self) -> None:
-        """Subscribe."""
+    async def start(self, enabled: bool = True) -> None:
+        """Subscribe (unless disabled: then nothing is recorded)."""
+        if not enabled:
+            return
         from nats.aio.msg import Msg
 
         from nudge.dispatch.v1 import dispatch_pb2
@@ -640,10 +657,11 @@ IDLE_SAMPLES = 10
 
 async def idle_trigger_latency(
     stack: Stack, user_prefix: str, first_user: int, tag: str
-) -> list[float]:
-    """Latency of single matching events sent one at a time on an otherwise idle system (no
-    queueing): the floor the loaded figure is compared with."""
-    latencies: list[float] = []
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Single matching events sent one at a time on an otherwise idle system (no queueing):
+    the floor the loaded figure is compared with. Track OK and mail arrival per order id."""
+    ok_by_order: dict[str, float] = {}
+    mail_by_order: dict[str, float] = {}
     async with grpc.aio.insecure_channel(stack.services.addresses["ingest"]) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         for i in range(IDLE_SAMPLES):
@@ -658,12 +676,14 @@ async def idle_trigger_latency(
             await stub.Track(
                 ingest_pb2.TrackRequest(events=[event]), metadata=stack.metadata, timeout=30
             )
-            ok = time.monotonic()
-            arrival, _ = await _collect_mails(stack, {order_id: ok}, skip, 10.0, poll_s=0.002)
-            if order_id in arrival:
-                latencies.append((arrival[order_id] - ok) * 1000)
+            ok_by_order[order_id] = time.monotonic()
+            arrival, _ = await _collect_mails(stack, {order_id: 0.0}, skip, 5.0, poll_s=0.002)
+            if not arrival:
+                say(f"trigger: idle probe {order_id}: no mail within 5 s; no more probes")
+                break
+            mail_by_order.update(arrival)
             await asyncio.sleep(0.2)
-    return latencies
+    return ok_by_order, mail_by_order
 
 
 class XidSampler:
@@ -671,17 +691,19 @@ class XidSampler:
     application? Gap-free readers (relay, rules projection) cannot read an event until every
     transaction that got its xid earlier has ended, so these ages are the readers' wait."""
 
-    def __init__(self, dsn: str, interval_s: float = 0.02) -> None:
+    def __init__(self, dsn: str, interval_s: float = 0.05, enabled: bool = True) -> None:
         self._dsn = dsn
         self._interval_s = interval_s
         self.ages_ms: dict[str, list[float]] = {}
         self.oldest_ms: list[float] = []
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._enabled = enabled
 
     async def _run(self) -> None:
         conn = await asyncpg.connect(self._dsn)
         try:
-            while True:
+            while not self._stop.is_set():
                 rows = await conn.fetch(
                     """SELECT application_name AS app,
                               extract(epoch FROM clock_timestamp() - xact_start)::float8 * 1000
@@ -695,20 +717,21 @@ class XidSampler:
                     self.ages_ms.setdefault(row["app"] or "?", []).append(row["age_ms"])
                     oldest = max(oldest, row["age_ms"])
                 self.oldest_ms.append(oldest)
-                await asyncio.sleep(self._interval_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self._interval_s)
         finally:
             await conn.close()
 
     def start(self) -> None:
         """Start sampling in the background."""
-        self._task = asyncio.create_task(self._run())
+        if self._enabled:
+            self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> dict[str, Any]:
         """Stop; the age distribution per application and of the oldest per sample."""
+        self._stop.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
         return {
             "samples": len(self.oldest_ms),
             "oldest_xid_transaction_ms": spread(self.oldest_ms),
@@ -717,10 +740,10 @@ class XidSampler:
 
 
 async def _trigger_load(
-    stack: Stack, config: dict[str, Any], seconds: float
-) -> tuple[dict[str, Any], dict[str, object]]:
-    """Run the paced trigger load; its result and the CPU use during it."""
-    meter = stack.meter()
+    stack: Stack, config: dict[str, Any], seconds: float, meter: CpuMeter
+) -> tuple[dict[str, Any], dict[str, object], CpuSnapshot]:
+    """Run the paced trigger load; its result, the CPU use during it, and the CPU snapshot at
+    its start."""
     async with LoadProcess(stack, config) as load:
         assert load.proc is not None
         meter.roots["load"] = load.proc.pid
@@ -731,7 +754,7 @@ async def _trigger_load(
         result = await load.expect("result", 60)
     cpu = CpuMeter.delta(cpu_before, cpu_after, loaded["t"] - first["t"])
     say("trigger: " + format_delta(cpu))
-    return result, cpu
+    return result, cpu, cpu_before
 
 
 async def _collect_mails(
@@ -760,9 +783,7 @@ async def measure_trigger(
     stack: Stack, options: Options, conn: asyncpg.Connection
 ) -> dict[str, Any]:
     """trigger_latency_ms_p50/_p99; see the module docstring."""
-    tick_hz = options.trigger_match_rate
-    per_tick = max(1, round(options.trigger_rate / tick_hz))
-    ticks = round(options.trigger_seconds * tick_hz)
+    ticks = round(options.trigger_seconds * options.trigger_match_rate)
     tag = "t" + secrets.token_hex(3)
     match_prefix = f"{tag}m"
     version = await apply_campaign(stack)
@@ -774,8 +795,29 @@ async def measure_trigger(
     if reached["rules"] is None:
         raise RuntimeError("the projection did not apply the Identify events within 60 s")
     say(f"trigger: identified and projected in {time.monotonic() - started:.1f}s")
-    idle = await idle_trigger_latency(stack, match_prefix, ticks, tag)
-    say(f"trigger: idle latency p50 {percentile(idle, 0.5)} ms over {len(idle)} single events")
+    tap = BusTap(stack.nats.url, "bench", match_prefix)
+    await tap.start(options.probes)
+    try:
+        idle_ok, idle_mail = await idle_trigger_latency(stack, match_prefix, ticks, tag)
+        idle = [(idle_mail[o] - ok) * 1000 for o, ok in idle_ok.items() if o in idle_mail]
+        say(f"trigger: idle single-event latency ms: {_round(spread(idle))}")
+        return await _loaded_trigger(stack, options, conn, tap, tag, (idle_ok, idle_mail))
+    finally:
+        await tap.stop()
+
+
+async def _loaded_trigger(
+    stack: Stack,
+    options: Options,
+    conn: asyncpg.Connection,
+    tap: BusTap,
+    tag: str,
+    idle_maps: tuple[dict[str, float], dict[str, float]],
+) -> dict[str, Any]:
+    """The paced load (the idle probes already ran) and its figures."""
+    tick_hz = options.trigger_match_rate
+    per_tick = max(1, round(options.trigger_rate / tick_hz))
+    match_prefix = f"{tag}m"
     config = {
         "mode": "trigger",
         "address": stack.services.addresses["ingest"],
@@ -788,25 +830,33 @@ async def measure_trigger(
         "other_users": 5000,
     }
     mails_before = len(stack.sink.messages)
-    tap = BusTap(stack.nats.url, "bench", match_prefix)
-    await tap.start()
-    sampler = XidSampler(stack.dsn)
+    sampler = XidSampler(stack.dsn, enabled=options.probes)
     sampler.start()
     try:
-        result, cpu = await _trigger_load(stack, config, options.trigger_seconds)
+        meter = stack.meter()
+        result, cpu, cpu_start = await _trigger_load(stack, config, options.trigger_seconds, meter)
         xids = await sampler.stop()
         ok_by_order = {m["order_id"]: m["ok"] for m in result["matches"] if m["ok"] is not None}
         mail_by_order, duplicates = await _collect_mails(stack, ok_by_order, mails_before, 15.0)
+        # Until the last mail: the whole pipeline's work for this load, for per-event costs.
+        cpu_total = CpuMeter.delta(cpu_start, meter.snapshot(), 1.0)
     finally:
         await sampler.stop()
-        await tap.stop()
     expected = len(ok_by_order)
     latencies = [
         (mail_by_order[o] - ok) * 1000 for o, ok in ok_by_order.items() if o in mail_by_order
     ]
-    stages = await stage_breakdown(
-        conn, match_prefix, ok_by_order, mail_by_order, _clock_offset(), tap
-    )
+    offset = _clock_offset()
+    stages = await stage_breakdown(conn, match_prefix, ok_by_order, mail_by_order, offset, tap)
+    idle_ok, idle_mail = idle_maps
+    idle = [(idle_mail[o] - ok) * 1000 for o, ok in idle_ok.items() if o in idle_mail]
+    idle_stages = await stage_breakdown(conn, match_prefix, idle_ok, idle_mail, offset, tap)
+    used = cpu_total["cpu_s"]
+    cpu_per_event: dict[str, float] = {}
+    if isinstance(used, dict) and result["accepted_events"]:
+        cpu_per_event = {k: v / result["accepted_events"] * 1e6 for k, v in used.items()}
+        if latencies:
+            cpu_per_event["dispatch_per_mail"] = used.get("dispatch", 0.0) / len(latencies) * 1e6
     decisions = await conn.fetch(
         "SELECT kind, count(*) AS n FROM decisions WHERE workspace_id = $1 AND user_id LIKE $2"
         " GROUP BY kind ORDER BY kind",
@@ -836,8 +886,13 @@ async def measure_trigger(
         "before the tap sees the relay's message (negative relay_publish_to_rules_decision)",
         "decisions_written_by_kind": {r["kind"]: r["n"] for r in decisions},
         "idle_single_event_latency_ms": spread(idle),
+        "idle_single_event_lost": len(idle_ok) - len(idle),
+        "idle_stages_ms": idle_stages,
         "open_xid_transactions": xids,
         "cpu": cpu,
+        "cpu_us_per_accepted_event": cpu_per_event,
+        "cpu_us_note": "CPU from load start until the last mail arrived, per accepted event "
+        "(dispatch_per_mail: dispatch CPU per delivered mail)",
         "measured": "Track OK (load process) -> SMTP sink arrival (bench process), CLOCK_MONOTONIC",
     }
     metric("trigger_latency_ms_p50", p50, "ms", [p50], detail)
@@ -880,13 +935,16 @@ async def ingest_run(
     }
     meter = stack.meter()
     samples: list[tuple[float, int, int]] = []
+    stop_sampling = asyncio.Event()
 
     async def sample() -> None:
-        while True:
+        # Stopped by the event, never cancelled mid-query: `conn` is used again afterwards.
+        while not stop_sampling.is_set():
             rules = await read_checkpoint(conn, "rules")
             relay = await read_checkpoint(conn, "relay")
             samples.append((time.monotonic(), rules[1], relay[1]))
-            await asyncio.sleep(0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop_sampling.wait(), 0.5)
 
     async with LoadProcess(stack, config) as load:
         assert load.proc is not None
@@ -898,9 +956,8 @@ async def ingest_run(
         sampler = asyncio.create_task(sample())
         loaded = await load.expect("loaded", options.ingest_seconds + 120)
         cpu_after = meter.snapshot()
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
+        stop_sampling.set()
+        await sampler
         t_loaded = loaded["t"]
         rules_at_load_end = await read_checkpoint(conn, "rules")
         target = await last_event(conn)
@@ -1064,26 +1121,40 @@ def summarize(results: dict[str, Any], started: float) -> None:
     emit({"summary": summary})
 
 
-async def run_phases(stack: Stack, options: Options, admin_dsn: str) -> None:
-    """Everything after the servers are up."""
+async def run_phases(stack: Stack, options: Options, admin_dsn: str) -> bool:
+    """Everything after the servers are up; False when a phase failed (the others still run,
+    the failure is one ``{"error": ...}`` line and is listed in the summary)."""
     started = time.monotonic()
     stack.api_key = await prepare_database(admin_dsn, stack.dsn)
     results: dict[str, Any] = {}
+    failed: list[str] = []
+
+    async def phase(name: str, run: Coroutine[Any, Any, dict[str, Any]]) -> None:
+        try:
+            results.update(await run)
+        except Exception as error:
+            failed.append(name)
+            say(f"{name} failed: {error!r}")
+            emit({"error": {"phase": name, "message": repr(error)}})
+
     if "limits" not in options.skip:
-        results.update(await measure_limits(stack, options))
+        await phase("limits", measure_limits(stack, options))
     say("starting the four services")
     await asyncio.to_thread(stack.services.start_all, 90.0)
     if "limits" not in options.skip:
-        results.update(await measure_grpc(stack))
+        await phase("limits_grpc", measure_grpc(stack))
     conn = await asyncpg.connect(stack.dsn)
     try:
         if "trigger" not in options.skip:
-            results.update(await measure_trigger(stack, options, conn))
+            await phase("trigger", measure_trigger(stack, options, conn))
         if "ingest" not in options.skip:
-            results.update(await measure_ingest(stack, options, conn))
+            await phase("ingest", measure_ingest(stack, options, conn))
     finally:
         await conn.close()
+    if failed:
+        results["failed_phases"] = failed
     summarize(results, started)
+    return not failed
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -1136,8 +1207,12 @@ def _kill_load(stack: Stack) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; 0 when it completed (targets met or not), 130 when interrupted."""
+    """Run the benchmark; 0 when every phase completed (targets met or not), 1 when a phase
+    failed, 130 when interrupted."""
     options = Options.parse(argv)
+    # Ctrl-C and SIGTERM both unwind through the cleanup below (SIGINT explicitly: a process
+    # started in the background by a non-interactive shell inherits it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     facts = machine_facts()
     facts["options"] = {
@@ -1149,11 +1224,11 @@ def main(argv: list[str] | None = None) -> int:
             facts["nats"] = "JetStream file store, sync_interval: always"
             facts["services"] = "4 processes (python -m services.<name>), SMTP sink in-process"
             emit({"facts": facts})
-            asyncio.run(run_phases(stack, options, admin_dsn))
+            ok = asyncio.run(run_phases(stack, options, admin_dsn))
     except KeyboardInterrupt:
         say("interrupted; everything was stopped")
         return 130
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

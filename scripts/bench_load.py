@@ -24,6 +24,7 @@ import asyncio
 import json
 import random
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -238,7 +239,6 @@ async def run_trigger(config: dict[str, Any]) -> dict[str, Any]:
             try:
                 raw = await track(request, metadata=metadata, timeout=30)
             except grpc.aio.AioRpcError as error:
-                ended = time.monotonic()
                 codes[error.code().name] = codes.get(error.code().name, 0) + 1
                 matches.append({"order_id": order_id, "sent": started, "ok": None})
                 return
@@ -295,9 +295,13 @@ async def run_trigger(config: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     """Read the config from stdin, run the load, print the result lines."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     config = json.loads(sys.stdin.read())
     runner = run_ingest if config["mode"] == "ingest" else run_trigger
-    _emit(asyncio.run(runner(config)))
+    try:
+        _emit(asyncio.run(runner(config)))
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ class CpuMeter:
             children.setdefault(proc.ppid, []).append(pid)
         components: dict[str, float] = {}
         for name, root in self.roots.items():
+            if root not in procs:
+                continue  # not running (any more): no figure rather than a wrong one
             total = 0.0
             stack = [root]
             seen: set[int] = set()
@@ -103,8 +105,9 @@ class CpuMeter:
     def delta(before: CpuSnapshot, after: CpuSnapshot, wall_s: float) -> dict[str, object]:
         """CPU seconds per component between two snapshots, as core-shares of `wall_s`."""
         used: dict[str, float] = {
-            name: round(after.components.get(name, 0.0) - value, 3)
+            name: round(after.components[name] - value, 3)
             for name, value in before.components.items()
+            if name in after.components
         }
         busy = after.machine_busy_s - before.machine_busy_s
         total = after.machine_total_s - before.machine_total_s
