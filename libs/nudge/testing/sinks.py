@@ -7,12 +7,14 @@ import email
 import email.message
 import email.policy
 import json
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal
 
 from aiosmtpd.controller import Controller
 
@@ -61,13 +63,55 @@ class _Recorder:
             return list(self.items)
 
 
-class SmtpSink:
-    """An aiosmtpd server that accepts every message and records it."""
+@dataclass(frozen=True)
+class SmtpFault:
+    """One misbehaviour of the SMTP sink, used up by one incoming message.
 
-    def __init__(self, port: int | None = None) -> None:
+    `stage` "mail", "rcpt" or "data": answer that command with `reply` (e.g. "421 4.3.2 Busy",
+    "550 5.1.1 No such user") instead of accepting. "lose_reply": accept and record the message,
+    then drop the connection before the final reply (the provider has it; the sender cannot
+    know)."""
+
+    stage: Literal["mail", "rcpt", "data", "lose_reply"]
+    reply: str = ""
+
+
+class SmtpSink:
+    """An aiosmtpd server that accepts every message and records it, unless `faults` (a queue,
+    consumed in order, one per message) tells it to misbehave."""
+
+    def __init__(self, port: int | None = None, faults: Iterable[SmtpFault] = ()) -> None:
         self.port = port or free_port()
+        self.faults: deque[SmtpFault] = deque(faults)
         self._recorder = _Recorder()
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    def _fault(self, *stages: str) -> SmtpFault | None:
+        if self.faults and self.faults[0].stage in stages:
+            return self.faults.popleft()
+        return None
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        """aiosmtpd hook: accept the sender unless a "mail" fault is due."""
+        fault = self._fault("mail")
+        if fault is not None:
+            return fault.reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        """aiosmtpd hook: accept the recipient unless a "rcpt" fault is due."""
+        fault = self._fault("rcpt")
+        if fault is not None:
+            return fault.reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
 
     @property
     def url(self) -> str:
@@ -75,12 +119,17 @@ class SmtpSink:
         return f"smtp://127.0.0.1:{self.port}"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        """aiosmtpd hook: record the message."""
+        """aiosmtpd hook: record the message (unless a "data" fault refuses it)."""
+        fault = self._fault("data", "lose_reply")
+        if fault is not None and fault.stage == "data":
+            return fault.reply
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
         assert isinstance(message, email.message.EmailMessage)
         self._recorder.add(
             ReceivedMail(envelope.mail_from, tuple(envelope.rcpt_tos), message, time.monotonic())
         )
+        if fault is not None:  # lose_reply: accepted, but the sender never hears it
+            server.transport.close()
         return "250 OK"
 
     @property
@@ -117,13 +166,14 @@ class ReceivedRequest:
         return json.loads(self.body)
 
 
-Responder = Callable[[ReceivedRequest], tuple[int, dict[str, str], bytes]]
+Responder = Callable[[ReceivedRequest], tuple[int, dict[str, str], bytes] | None]
 
 
 @dataclass
 class HttpSink:
     """A threaded HTTP/1.1 server that records requests and answers with `responder`
-    (200 `{}` by default)."""
+    (200 `{}` by default). A responder returning None drops the connection without an answer
+    (the request arrived; the client cannot know); one that sleeps makes a slow provider."""
 
     port: int = field(default_factory=free_port)
     responder: Responder | None = None
@@ -146,9 +196,12 @@ class HttpSink:
                     time.monotonic(),
                 )
                 sink._recorder.add(request)
-                status, headers, body = (
-                    sink.responder(request) if sink.responder else (200, {}, b"{}")
-                )
+                answer = sink.responder(request) if sink.responder else (200, {}, b"{}")
+                if answer is None:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                status, headers, body = answer
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
@@ -175,6 +228,11 @@ class HttpSink:
     def wait_for(self, count: int, timeout_s: float = 10.0) -> list[ReceivedRequest]:
         """Block until `count` requests arrived (or the timeout); return all received."""
         return self._recorder.wait_for(count, timeout_s)
+
+    def webhook_ids(self) -> list[str]:
+        """The `webhook-id` of every request received, in arrival order (a receiver that
+        dedupes keeps the first of each)."""
+        return [r.headers.get("webhook-id", "") for r in self._recorder.items]
 
     def start(self) -> HttpSink:
         """Start serving."""
