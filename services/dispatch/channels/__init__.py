@@ -8,6 +8,7 @@ from services.dispatch.channels.base import (
     OutboundMessage,
     PermanentChannelError,
     TransientChannelError,
+    UndeliverableAddressError,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "OutboundMessage",
     "PermanentChannelError",
     "TransientChannelError",
+    "UndeliverableAddressError",
 ]

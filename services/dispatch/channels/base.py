@@ -15,6 +15,8 @@ class OutboundMessage:
     channel: str
     fields: Mapping[str, str]
     traceparent: str | None = None
+    # One-click unsubscribe URL (RFC 8058) for marketing email; None for everything else.
+    unsubscribe_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,15 @@ class PermanentChannelError(ChannelError):
     """The provider refused the message (or we refused to send it); retrying cannot help."""
 
     retryable = False
+
+
+class UndeliverableAddressError(PermanentChannelError):
+    """The provider says the address does not exist (SMTP 5.1.x hard bounce, an unregistered
+    push token): permanent, and dispatch records `address` so no later send goes to it."""
+
+    def __init__(self, reason: str, *, address: str) -> None:
+        super().__init__(reason)
+        self.address = address
 
 
 class AmbiguousChannelError(ChannelError):

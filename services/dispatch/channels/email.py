@@ -20,6 +20,7 @@ from services.dispatch.channels.base import (
     OutboundMessage,
     PermanentChannelError,
     TransientChannelError,
+    UndeliverableAddressError,
 )
 
 _SCHEMES: Final = {
@@ -31,6 +32,7 @@ _SCHEMES: Final = {
 _ADDR_SPEC: Final = re.compile(r"^[^\s@<>()\[\],;:\\\"]+@[^\s@<>()\[\],;:\\\"]+$")
 _LINE_ENDINGS: Final = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT: Final = re.compile(rb"(?m)^\.")
+_ENHANCED_STATUS: Final = re.compile(r"^([245])\.(\d{1,3})\.\d{1,3}\b")
 _DATA_START: Final = 354
 _COMPLETED: Final = 250
 _WILL_FORWARD: Final = 251
@@ -41,6 +43,18 @@ def _reply_error(stage: str, code: int, text: str) -> ChannelError:
     if 500 <= code < 600:
         return PermanentChannelError(reason)
     return TransientChannelError(reason)
+
+
+def _is_hard_bounce(code: int, text: str) -> bool:
+    """A refused recipient that does not exist: enhanced status 5.1.x (bad mailbox/address,
+    RFC 3463) or, without an enhanced code, 550/551/553. Other 5xx (policy, storage, content)
+    fail the message but say nothing about the address."""
+    if not 500 <= code < 600:
+        return False
+    enhanced = _ENHANCED_STATUS.match(text.strip())
+    if enhanced is not None:
+        return enhanced[1] == "5" and enhanced[2] == "1"
+    return code in (550, 551, 553)
 
 
 def _single_address(value: str, *, what: str) -> tuple[str, str]:
@@ -118,6 +132,10 @@ class SmtpChannel:
             message["To"] = formataddr((display_name, recipient))
             message["Subject"] = msg.fields.get("subject", "")
             message["X-Nudge-Send-Id"] = msg.send_id
+            if msg.unsubscribe_url:
+                # RFC 8058 one-click: the receiver POSTs `List-Unsubscribe=One-Click` to the URL.
+                message["List-Unsubscribe"] = f"<{msg.unsubscribe_url}>"
+                message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
             if body:
                 message.set_content(body)
                 if html:
@@ -168,6 +186,11 @@ class SmtpChannel:
             await smtp.mail(self._envelope_sender)
             await smtp.rcpt(recipient)
         except aiosmtplib.SMTPRecipientRefused as error:
+            if _is_hard_bounce(error.code, error.message):
+                raise UndeliverableAddressError(
+                    f"smtp recipient refused: {error.code} {error.message}".strip(),
+                    address=recipient,
+                ) from error
             raise _reply_error("recipient", error.code, error.message) from error
         except aiosmtplib.SMTPSenderRefused as error:
             raise _reply_error("sender", error.code, error.message) from error
