@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 protos: $(STAMP)
-	bash scripts/gen_protos.sh libs
+	bash scripts/gen_protos.sh $(CURDIR)/libs
 
 check-protos: $(STAMP)
 	bash scripts/check_protos.sh

@@ -264,6 +264,7 @@ class Planner:
             trigger_event_id=trigger.event_id,
             decided_at=to_timestamp(now),
             kind=definition.kind,
+            priority=definition.priority,
         )
         return store.OutboxItem(
             kind="dispatch",

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n nudge/dispatch/v1/dispatch.proto\x12\x11nudge.dispatch.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf8\x02\n\x0bSendRequest\x12\x0f\n\x07send_id\x18\x01 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x04 \x01(\t\x12\x18\n\x10\x63\x61mpaign_version\x18\x05 \x01(\x05\x12\x0f\n\x07\x63hannel\x18\x06 \x01(\t\x12>\n\x08template\x18\x07 \x03(\x0b\x32,.nudge.dispatch.v1.SendRequest.TemplateEntry\x12(\n\x07\x63ontext\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10trigger_event_id\x18\t \x01(\t\x12.\n\ndecided_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x0b \x01(\t\x1a/\n\rTemplateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\x07Message\x12\x0f\n\x07send_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07sent_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x13ListMessagesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"D\n\x14ListMessagesResponse\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.nudge.dispatch.v1.Message2r\n\x0f\x44ispatchService\x12_\n\x0cListMessages\x12&.nudge.dispatch.v1.ListMessagesRequest\x1a\'.nudge.dispatch.v1.ListMessagesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n nudge/dispatch/v1/dispatch.proto\x12\x11nudge.dispatch.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x03\n\x0bSendRequest\x12\x0f\n\x07send_id\x18\x01 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x04 \x01(\t\x12\x18\n\x10\x63\x61mpaign_version\x18\x05 \x01(\x05\x12\x0f\n\x07\x63hannel\x18\x06 \x01(\t\x12>\n\x08template\x18\x07 \x03(\x0b\x32,.nudge.dispatch.v1.SendRequest.TemplateEntry\x12(\n\x07\x63ontext\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10trigger_event_id\x18\t \x01(\t\x12.\n\ndecided_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x0b \x01(\t\x12\x10\n\x08priority\x18\x0c \x01(\x05\x1a/\n\rTemplateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x02\n\x07Message\x12\x0f\n\x07send_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07sent_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07next_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x61mbiguous_attempts\x18\n \x01(\x05\"5\n\x13ListMessagesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"D\n\x14ListMessagesResponse\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.nudge.dispatch.v1.Message\"9\n\x0c\x46requencyCap\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0b\n\x03max\x18\x02 \x01(\x05\x12\x0b\n\x03per\x18\x03 \x01(\t\":\n\nQuietHours\x12\r\n\x05start\x18\x01 \x01(\t\x12\x0b\n\x03\x65nd\x18\x02 \x01(\t\x12\x10\n\x08\x63hannels\x18\x03 \x03(\t\"\xc1\x01\n\x0fWorkspacePolicy\x12\x18\n\x10\x64\x65\x66\x61ult_timezone\x18\x01 \x01(\t\x12\x37\n\x0e\x66requency_caps\x18\x02 \x03(\x0b\x32\x1f.nudge.dispatch.v1.FrequencyCap\x12\x32\n\x0bquiet_hours\x18\x03 \x01(\x0b\x32\x1d.nudge.dispatch.v1.QuietHours\x12\x16\n\x0erequire_opt_in\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\x05\"F\n\x1b\x41pplyWorkspacePolicyRequest\x12\'\n\x06policy\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"c\n\x1c\x41pplyWorkspacePolicyResponse\x12\x32\n\x06policy\x18\x01 \x01(\x0b\x32\".nudge.dispatch.v1.WorkspacePolicy\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"\x1b\n\x19GetWorkspacePolicyRequest\"P\n\x1aGetWorkspacePolicyResponse\x12\x32\n\x06policy\x18\x01 \x01(\x0b\x32\".nudge.dispatch.v1.WorkspacePolicy\"\xfe\x01\n\nDeadLetter\x12\x16\n\x0e\x64\x65\x61\x64_letter_id\x18\x01 \x01(\x03\x12\x0f\n\x07send_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x04 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breplayed_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05state\x18\n \x01(\t\"A\n\x16ListDeadLettersRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x18\n\x10include_replayed\x18\x02 \x01(\x08\"N\n\x17ListDeadLettersResponse\x12\x33\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1d.nudge.dispatch.v1.DeadLetter\"1\n\x17ReplayDeadLetterRequest\x12\x16\n\x0e\x64\x65\x61\x64_letter_id\x18\x01 \x01(\x03\"L\n\x18ReplayDeadLetterResponse\x12\x0f\n\x07send_id\x18\x01 \x01(\t\x12\x10\n\x08replayed\x18\x02 \x01(\x08\x12\r\n\x05state\x18\x03 \x01(\t\"\xec\x01\n\x15PreviewMessageRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12H\n\x08template\x18\x04 \x03(\x0b\x32\x36.nudge.dispatch.v1.PreviewMessageRequest.TemplateEntry\x12(\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a/\n\rTemplateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x83\x02\n\x16PreviewMessageResponse\x12\x45\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x35.nudge.dispatch.v1.PreviewMessageResponse.FieldsEntry\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x13\n\x0b\x65rror_field\x18\x03 \x01(\t\x12\x0f\n\x07verdict\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12.\n\nhold_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x9c\x05\n\x0f\x44ispatchService\x12_\n\x0cListMessages\x12&.nudge.dispatch.v1.ListMessagesRequest\x1a\'.nudge.dispatch.v1.ListMessagesResponse\x12w\n\x14\x41pplyWorkspacePolicy\x12..nudge.dispatch.v1.ApplyWorkspacePolicyRequest\x1a/.nudge.dispatch.v1.ApplyWorkspacePolicyResponse\x12q\n\x12GetWorkspacePolicy\x12,.nudge.dispatch.v1.GetWorkspacePolicyRequest\x1a-.nudge.dispatch.v1.GetWorkspacePolicyResponse\x12h\n\x0fListDeadLetters\x12).nudge.dispatch.v1.ListDeadLettersRequest\x1a*.nudge.dispatch.v1.ListDeadLettersResponse\x12k\n\x10ReplayDeadLetter\x12*.nudge.dispatch.v1.ReplayDeadLetterRequest\x1a+.nudge.dispatch.v1.ReplayDeadLetterResponse\x12\x65\n\x0ePreviewMessage\x12(.nudge.dispatch.v1.PreviewMessageRequest\x1a).nudge.dispatch.v1.PreviewMessageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,16 +35,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SENDREQUEST_TEMPLATEENTRY']._loaded_options = None
   _globals['_SENDREQUEST_TEMPLATEENTRY']._serialized_options = b'8\001'
+  _globals['_PREVIEWMESSAGEREQUEST_TEMPLATEENTRY']._loaded_options = None
+  _globals['_PREVIEWMESSAGEREQUEST_TEMPLATEENTRY']._serialized_options = b'8\001'
+  _globals['_PREVIEWMESSAGERESPONSE_FIELDSENTRY']._loaded_options = None
+  _globals['_PREVIEWMESSAGERESPONSE_FIELDSENTRY']._serialized_options = b'8\001'
   _globals['_SENDREQUEST']._serialized_start=119
-  _globals['_SENDREQUEST']._serialized_end=495
-  _globals['_SENDREQUEST_TEMPLATEENTRY']._serialized_start=448
-  _globals['_SENDREQUEST_TEMPLATEENTRY']._serialized_end=495
-  _globals['_MESSAGE']._serialized_start=498
-  _globals['_MESSAGE']._serialized_end=704
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=706
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=759
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=761
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=829
-  _globals['_DISPATCHSERVICE']._serialized_start=831
-  _globals['_DISPATCHSERVICE']._serialized_end=945
+  _globals['_SENDREQUEST']._serialized_end=513
+  _globals['_SENDREQUEST_TEMPLATEENTRY']._serialized_start=466
+  _globals['_SENDREQUEST_TEMPLATEENTRY']._serialized_end=513
+  _globals['_MESSAGE']._serialized_start=516
+  _globals['_MESSAGE']._serialized_end=795
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=797
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=850
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=852
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=920
+  _globals['_FREQUENCYCAP']._serialized_start=922
+  _globals['_FREQUENCYCAP']._serialized_end=979
+  _globals['_QUIETHOURS']._serialized_start=981
+  _globals['_QUIETHOURS']._serialized_end=1039
+  _globals['_WORKSPACEPOLICY']._serialized_start=1042
+  _globals['_WORKSPACEPOLICY']._serialized_end=1235
+  _globals['_APPLYWORKSPACEPOLICYREQUEST']._serialized_start=1237
+  _globals['_APPLYWORKSPACEPOLICYREQUEST']._serialized_end=1307
+  _globals['_APPLYWORKSPACEPOLICYRESPONSE']._serialized_start=1309
+  _globals['_APPLYWORKSPACEPOLICYRESPONSE']._serialized_end=1408
+  _globals['_GETWORKSPACEPOLICYREQUEST']._serialized_start=1410
+  _globals['_GETWORKSPACEPOLICYREQUEST']._serialized_end=1437
+  _globals['_GETWORKSPACEPOLICYRESPONSE']._serialized_start=1439
+  _globals['_GETWORKSPACEPOLICYRESPONSE']._serialized_end=1519
+  _globals['_DEADLETTER']._serialized_start=1522
+  _globals['_DEADLETTER']._serialized_end=1776
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1778
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1843
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1845
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1923
+  _globals['_REPLAYDEADLETTERREQUEST']._serialized_start=1925
+  _globals['_REPLAYDEADLETTERREQUEST']._serialized_end=1974
+  _globals['_REPLAYDEADLETTERRESPONSE']._serialized_start=1976
+  _globals['_REPLAYDEADLETTERRESPONSE']._serialized_end=2052
+  _globals['_PREVIEWMESSAGEREQUEST']._serialized_start=2055
+  _globals['_PREVIEWMESSAGEREQUEST']._serialized_end=2291
+  _globals['_PREVIEWMESSAGEREQUEST_TEMPLATEENTRY']._serialized_start=466
+  _globals['_PREVIEWMESSAGEREQUEST_TEMPLATEENTRY']._serialized_end=513
+  _globals['_PREVIEWMESSAGERESPONSE']._serialized_start=2294
+  _globals['_PREVIEWMESSAGERESPONSE']._serialized_end=2553
+  _globals['_PREVIEWMESSAGERESPONSE_FIELDSENTRY']._serialized_start=2508
+  _globals['_PREVIEWMESSAGERESPONSE_FIELDSENTRY']._serialized_end=2553
+  _globals['_DISPATCHSERVICE']._serialized_start=2556
+  _globals['_DISPATCHSERVICE']._serialized_end=3224
 # @@protoc_insertion_point(module_scope)

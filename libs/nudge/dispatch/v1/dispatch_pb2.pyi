@@ -59,6 +59,7 @@ class SendRequest(_message.Message):
     TRIGGER_EVENT_ID_FIELD_NUMBER: _builtins.int
     DECIDED_AT_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     send_id: _builtins.str
     """Deterministic id of this send (a UUID)."""
     workspace_id: _builtins.str
@@ -75,6 +76,10 @@ class SendRequest(_message.Message):
     """The event that triggered the campaign."""
     kind: _builtins.str
     """marketing or transactional."""
+    priority: _builtins.int
+    """Campaign priority (-1000..1000): who gets the last frequency-cap slot when several sends of a
+    user compete (higher first, then the older decided_at, then send_id).
+    """
     @_builtins.property
     def template(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Message fields as Liquid templates (to, subject, body, html, url, payload...)."""
@@ -101,10 +106,11 @@ class SendRequest(_message.Message):
         trigger_event_id: _builtins.str = ...,
         decided_at: _timestamp_pb2.Timestamp | None = ...,
         kind: _builtins.str = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "decided_at", b"decided_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "campaign_version", b"campaign_version", "channel", b"channel", "context", b"context", "decided_at", b"decided_at", "kind", b"kind", "send_id", b"send_id", "template", b"template", "trigger_event_id", b"trigger_event_id", "user_id", b"user_id", "workspace_id", b"workspace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "campaign_version", b"campaign_version", "channel", b"channel", "context", b"context", "decided_at", b"decided_at", "kind", b"kind", "priority", b"priority", "send_id", b"send_id", "template", b"template", "trigger_event_id", b"trigger_event_id", "user_id", b"user_id", "workspace_id", b"workspace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -124,6 +130,8 @@ class Message(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     SENT_AT_FIELD_NUMBER: _builtins.int
+    NEXT_AT_FIELD_NUMBER: _builtins.int
+    AMBIGUOUS_ATTEMPTS_FIELD_NUMBER: _builtins.int
     send_id: _builtins.str
     """Send id."""
     campaign_id: _builtins.str
@@ -136,6 +144,8 @@ class Message(_message.Message):
     """Why it is in that state (error, suppression reason), empty when sent."""
     attempts: _builtins.int
     """Attempts made."""
+    ambiguous_attempts: _builtins.int
+    """Attempts whose provider outcome was unknown (counted; see the ambiguous state)."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When it was recorded."""
@@ -143,6 +153,10 @@ class Message(_message.Message):
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp:
         """When it was sent, if it was."""
+
+    @_builtins.property
+    def next_at(self) -> _timestamp_pb2.Timestamp:
+        """When it is due next (held for quiet hours, or waiting for a retry), if it is."""
 
     def __init__(
         self,
@@ -155,10 +169,12 @@ class Message(_message.Message):
         attempts: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         sent_at: _timestamp_pb2.Timestamp | None = ...,
+        next_at: _timestamp_pb2.Timestamp | None = ...,
+        ambiguous_attempts: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "sent_at", b"sent_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "next_at", b"next_at", "sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "campaign_id", b"campaign_id", "channel", b"channel", "created_at", b"created_at", "reason", b"reason", "send_id", b"send_id", "sent_at", b"sent_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ambiguous_attempts", b"ambiguous_attempts", "attempts", b"attempts", "campaign_id", b"campaign_id", "channel", b"channel", "created_at", b"created_at", "next_at", b"next_at", "reason", b"reason", "send_id", b"send_id", "sent_at", b"sent_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -213,3 +229,494 @@ class ListMessagesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015
+
+@_typing.final
+class FrequencyCap(_message.Message):
+    """FrequencyCap limits marketing sends per user."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    PER_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    """any, email, push, sms, webhook or console (any: all channels together)."""
+    max: _builtins.int
+    """At most this many sends..."""
+    per: _builtins.str
+    """...per this calendar window in the user's time zone: 30m, 1h, 1d, 7d, 1w."""
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+        max: _builtins.int = ...,
+        per: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "max", b"max", "per", b"per"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FrequencyCap: _TypeAlias = FrequencyCap  # noqa: Y015
+
+@_typing.final
+class QuietHours(_message.Message):
+    """QuietHours holds marketing sends on some channels during a daily window of the user's time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    start: _builtins.str
+    """Local start time "HH:MM"."""
+    end: _builtins.str
+    """Local end time "HH:MM" (before start: the window wraps midnight)."""
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Channels held (default push and sms)."""
+
+    def __init__(
+        self,
+        *,
+        start: _builtins.str = ...,
+        end: _builtins.str = ...,
+        channels: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuietHours: _TypeAlias = QuietHours  # noqa: Y015
+
+@_typing.final
+class WorkspacePolicy(_message.Message):
+    """WorkspacePolicy is the normalized delivery policy of a workspace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFAULT_TIMEZONE_FIELD_NUMBER: _builtins.int
+    FREQUENCY_CAPS_FIELD_NUMBER: _builtins.int
+    QUIET_HOURS_FIELD_NUMBER: _builtins.int
+    REQUIRE_OPT_IN_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    default_timezone: _builtins.str
+    """IANA time zone for users without a valid `timezone` trait."""
+    version: _builtins.int
+    """Version, starting at 1 (0: the default, never applied)."""
+    @_builtins.property
+    def frequency_caps(self) -> _containers.RepeatedCompositeFieldContainer[Global___FrequencyCap]:
+        """Caps, all of which apply."""
+
+    @_builtins.property
+    def quiet_hours(self) -> Global___QuietHours:
+        """Quiet hours, if any."""
+
+    @_builtins.property
+    def require_opt_in(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Channels whose marketing sends require `<channel>_subscribe: opted_in`."""
+
+    def __init__(
+        self,
+        *,
+        default_timezone: _builtins.str = ...,
+        frequency_caps: _abc.Iterable[Global___FrequencyCap] | None = ...,
+        quiet_hours: Global___QuietHours | None = ...,
+        require_opt_in: _abc.Iterable[_builtins.str] | None = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quiet_hours", b"quiet_hours"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_timezone", b"default_timezone", "frequency_caps", b"frequency_caps", "quiet_hours", b"quiet_hours", "require_opt_in", b"require_opt_in", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkspacePolicy: _TypeAlias = WorkspacePolicy  # noqa: Y015
+
+@_typing.final
+class ApplyWorkspacePolicyRequest(_message.Message):
+    """ApplyWorkspacePolicyRequest carries the policy document (the YAML file as data)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> _struct_pb2.Struct:
+        """The document: default_timezone, frequency_caps, quiet_hours, require_opt_in."""
+
+    def __init__(
+        self,
+        *,
+        policy: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyWorkspacePolicyRequest: _TypeAlias = ApplyWorkspacePolicyRequest  # noqa: Y015
+
+@_typing.final
+class ApplyWorkspacePolicyResponse(_message.Message):
+    """ApplyWorkspacePolicyResponse reports the policy now in force."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """True when this call stored a new version."""
+    @_builtins.property
+    def policy(self) -> Global___WorkspacePolicy:
+        """The normalized policy."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___WorkspacePolicy | None = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyWorkspacePolicyResponse: _TypeAlias = ApplyWorkspacePolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetWorkspacePolicyRequest(_message.Message):
+    """GetWorkspacePolicyRequest has no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWorkspacePolicyRequest: _TypeAlias = GetWorkspacePolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetWorkspacePolicyResponse(_message.Message):
+    """GetWorkspacePolicyResponse is the policy in force."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___WorkspacePolicy:
+        """The normalized policy."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___WorkspacePolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWorkspacePolicyResponse: _TypeAlias = GetWorkspacePolicyResponse  # noqa: Y015
+
+@_typing.final
+class DeadLetter(_message.Message):
+    """DeadLetter is a send that failed permanently."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTER_ID_FIELD_NUMBER: _builtins.int
+    SEND_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    REPLAYED_AT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    dead_letter_id: _builtins.int
+    """Dead letter id (for ReplayDeadLetter)."""
+    send_id: _builtins.str
+    """The send."""
+    user_id: _builtins.str
+    """Recipient user."""
+    campaign_id: _builtins.str
+    """Campaign."""
+    channel: _builtins.str
+    """Channel."""
+    reason: _builtins.str
+    """Why it failed."""
+    attempts: _builtins.int
+    """Attempts made."""
+    state: _builtins.str
+    """The send's current state."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was dead-lettered."""
+
+    @_builtins.property
+    def replayed_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was replayed, if it was."""
+
+    def __init__(
+        self,
+        *,
+        dead_letter_id: _builtins.int = ...,
+        send_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        campaign_id: _builtins.str = ...,
+        channel: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        replayed_at: _timestamp_pb2.Timestamp | None = ...,
+        state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "replayed_at", b"replayed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "campaign_id", b"campaign_id", "channel", b"channel", "created_at", b"created_at", "dead_letter_id", b"dead_letter_id", "reason", b"reason", "replayed_at", b"replayed_at", "send_id", b"send_id", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015
+
+@_typing.final
+class ListDeadLettersRequest(_message.Message):
+    """ListDeadLettersRequest filters dead letters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    INCLUDE_REPLAYED_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """At most this many (default 100, at most 1000)."""
+    include_replayed: _builtins.bool
+    """Also list dead letters already replayed."""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        include_replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_replayed", b"include_replayed", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadLettersRequest: _TypeAlias = ListDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class ListDeadLettersResponse(_message.Message):
+    """ListDeadLettersResponse lists dead letters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetter]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        dead_letters: _abc.Iterable[Global___DeadLetter] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadLettersResponse: _TypeAlias = ListDeadLettersResponse  # noqa: Y015
+
+@_typing.final
+class ReplayDeadLetterRequest(_message.Message):
+    """ReplayDeadLetterRequest names a dead letter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTER_ID_FIELD_NUMBER: _builtins.int
+    dead_letter_id: _builtins.int
+    """The dead letter id."""
+    def __init__(
+        self,
+        *,
+        dead_letter_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter_id", b"dead_letter_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayDeadLetterRequest: _TypeAlias = ReplayDeadLetterRequest  # noqa: Y015
+
+@_typing.final
+class ReplayDeadLetterResponse(_message.Message):
+    """ReplayDeadLetterResponse reports the replay."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEND_ID_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    send_id: _builtins.str
+    """The send (the same id as before)."""
+    replayed: _builtins.bool
+    """False when the dead letter had already been replayed (nothing was done)."""
+    state: _builtins.str
+    """The send's state now."""
+    def __init__(
+        self,
+        *,
+        send_id: _builtins.str = ...,
+        replayed: _builtins.bool = ...,
+        state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "send_id", b"send_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayDeadLetterResponse: _TypeAlias = ReplayDeadLetterResponse  # noqa: Y015
+
+@_typing.final
+class PreviewMessageRequest(_message.Message):
+    """PreviewMessageRequest is a message definition and the data to render it with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TemplateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The recipient (consent, time zone and caps are evaluated for this user)."""
+    channel: _builtins.str
+    """email, webhook, push, sms or console."""
+    kind: _builtins.str
+    """marketing (default) or transactional."""
+    @_builtins.property
+    def template(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Message fields as Liquid templates, as in SendRequest.template."""
+
+    @_builtins.property
+    def context(self) -> _struct_pb2.Struct:
+        """Render context: `user`, `event`, `trigger`, `campaign`."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        channel: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        template: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        context: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "context", b"context", "kind", b"kind", "template", b"template", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewMessageRequest: _TypeAlias = PreviewMessageRequest  # noqa: Y015
+
+@_typing.final
+class PreviewMessageResponse(_message.Message):
+    """PreviewMessageResponse is the rendered message and the policy verdict."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    FIELDS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    HOLD_UNTIL_FIELD_NUMBER: _builtins.int
+    error: _builtins.str
+    """Why rendering failed, empty when it succeeded."""
+    error_field: _builtins.str
+    """The field that failed to render."""
+    verdict: _builtins.str
+    """What a send claimed now would do: send, hold or suppress."""
+    reason: _builtins.str
+    """Why it would be held or suppressed."""
+    @_builtins.property
+    def fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Rendered fields (empty when rendering failed)."""
+
+    @_builtins.property
+    def hold_until(self) -> _timestamp_pb2.Timestamp:
+        """Until when it would be held."""
+
+    def __init__(
+        self,
+        *,
+        fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        error: _builtins.str = ...,
+        error_field: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        hold_until: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hold_until", b"hold_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "error_field", b"error_field", "fields", b"fields", "hold_until", b"hold_until", "reason", b"reason", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewMessageResponse: _TypeAlias = PreviewMessageResponse  # noqa: Y015

@@ -26,11 +26,13 @@ if _version_not_supported:
 
 
 class DispatchServiceStub:
-    """DispatchService reports what was sent. Messages are not sent through this API: send requests
-    arrive over the NATS work queue `nudge.dispatch.<workspace>.<channel>`.
+    """DispatchService reports what was sent and manages the delivery policy of the workspace.
+    Messages are not sent through this API: send requests arrive over the NATS work queue
+    `nudge.dispatch.<workspace>.<channel>`.
 
-    Every call must carry `authorization: Bearer <api key>` with the `admin` scope. Errors common to
-    every RPC: UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    Every call must carry `authorization: Bearer <api key>` with the `admin` scope; the key decides
+    the workspace. Errors common to every RPC: UNAUTHENTICATED (bad key), PERMISSION_DENIED (scope),
+    UNAVAILABLE (database unreachable; safe to retry).
     """
 
     def __init__(self, channel):
@@ -44,18 +46,92 @@ class DispatchServiceStub:
                 request_serializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ListMessagesRequest.SerializeToString,
                 response_deserializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ListMessagesResponse.FromString,
                 _registered_method=True)
+        self.ApplyWorkspacePolicy = channel.unary_unary(
+                '/nudge.dispatch.v1.DispatchService/ApplyWorkspacePolicy',
+                request_serializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ApplyWorkspacePolicyRequest.SerializeToString,
+                response_deserializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ApplyWorkspacePolicyResponse.FromString,
+                _registered_method=True)
+        self.GetWorkspacePolicy = channel.unary_unary(
+                '/nudge.dispatch.v1.DispatchService/GetWorkspacePolicy',
+                request_serializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.GetWorkspacePolicyRequest.SerializeToString,
+                response_deserializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.GetWorkspacePolicyResponse.FromString,
+                _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/nudge.dispatch.v1.DispatchService/ListDeadLetters',
+                request_serializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.ReplayDeadLetter = channel.unary_unary(
+                '/nudge.dispatch.v1.DispatchService/ReplayDeadLetter',
+                request_serializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ReplayDeadLetterRequest.SerializeToString,
+                response_deserializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ReplayDeadLetterResponse.FromString,
+                _registered_method=True)
+        self.PreviewMessage = channel.unary_unary(
+                '/nudge.dispatch.v1.DispatchService/PreviewMessage',
+                request_serializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.PreviewMessageRequest.SerializeToString,
+                response_deserializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.PreviewMessageResponse.FromString,
+                _registered_method=True)
 
 
 class DispatchServiceServicer:
-    """DispatchService reports what was sent. Messages are not sent through this API: send requests
-    arrive over the NATS work queue `nudge.dispatch.<workspace>.<channel>`.
+    """DispatchService reports what was sent and manages the delivery policy of the workspace.
+    Messages are not sent through this API: send requests arrive over the NATS work queue
+    `nudge.dispatch.<workspace>.<channel>`.
 
-    Every call must carry `authorization: Bearer <api key>` with the `admin` scope. Errors common to
-    every RPC: UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    Every call must carry `authorization: Bearer <api key>` with the `admin` scope; the key decides
+    the workspace. Errors common to every RPC: UNAUTHENTICATED (bad key), PERMISSION_DENIED (scope),
+    UNAVAILABLE (database unreachable; safe to retry).
     """
 
     def ListMessages(self, request, context):
         """ListMessages lists a user's messages, newest first, with their state and reason.
+        Errors: INVALID_ARGUMENT (no user_id, limit out of range).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyWorkspacePolicy(self, request, context):
+        """ApplyWorkspacePolicy validates and stores the workspace's delivery policy (default time
+        zone, frequency caps, quiet hours, channels that require opt-in). A changed policy gets a new
+        version and is in force for every send claimed after the call returns; an identical one is a
+        no-op. Errors: INVALID_ARGUMENT naming the field (`frequency_caps[1].per: ...`, unknown
+        field, unknown time zone, bad "HH:MM").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWorkspacePolicy(self, request, context):
+        """GetWorkspacePolicy returns the policy in force (the default, version 0, if none was applied).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadLetters(self, request, context):
+        """ListDeadLetters lists sends that failed permanently, newest first.
+        Errors: INVALID_ARGUMENT (limit out of range).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayDeadLetter(self, request, context):
+        """ReplayDeadLetter puts a dead send back to `planned` under the same send_id, with a fresh
+        retry window; it is claimed again (consent, quiet hours and caps are checked again). Replaying
+        a dead letter twice is a no-op the second time (`replayed` false).
+        Errors: NOT_FOUND (no such dead letter in the workspace).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PreviewMessage(self, request, context):
+        """PreviewMessage renders a message definition for a user exactly as a send would, without
+        sending or recording anything, and says what the policy would do with it now. A render
+        failure is reported in the response, not as an error.
+        Errors: INVALID_ARGUMENT (no user_id, unknown channel or kind, empty template).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -69,6 +145,31 @@ def add_DispatchServiceServicer_to_server(servicer, server):
                     request_deserializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ListMessagesRequest.FromString,
                     response_serializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ListMessagesResponse.SerializeToString,
             ),
+            'ApplyWorkspacePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyWorkspacePolicy,
+                    request_deserializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ApplyWorkspacePolicyRequest.FromString,
+                    response_serializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ApplyWorkspacePolicyResponse.SerializeToString,
+            ),
+            'GetWorkspacePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWorkspacePolicy,
+                    request_deserializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.GetWorkspacePolicyRequest.FromString,
+                    response_serializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.GetWorkspacePolicyResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'ReplayDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayDeadLetter,
+                    request_deserializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ReplayDeadLetterRequest.FromString,
+                    response_serializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ReplayDeadLetterResponse.SerializeToString,
+            ),
+            'PreviewMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewMessage,
+                    request_deserializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.PreviewMessageRequest.FromString,
+                    response_serializer=nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.PreviewMessageResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'nudge.dispatch.v1.DispatchService', rpc_method_handlers)
@@ -78,11 +179,13 @@ def add_DispatchServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DispatchService:
-    """DispatchService reports what was sent. Messages are not sent through this API: send requests
-    arrive over the NATS work queue `nudge.dispatch.<workspace>.<channel>`.
+    """DispatchService reports what was sent and manages the delivery policy of the workspace.
+    Messages are not sent through this API: send requests arrive over the NATS work queue
+    `nudge.dispatch.<workspace>.<channel>`.
 
-    Every call must carry `authorization: Bearer <api key>` with the `admin` scope. Errors common to
-    every RPC: UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    Every call must carry `authorization: Bearer <api key>` with the `admin` scope; the key decides
+    the workspace. Errors common to every RPC: UNAUTHENTICATED (bad key), PERMISSION_DENIED (scope),
+    UNAVAILABLE (database unreachable; safe to retry).
     """
 
     @staticmethod
@@ -102,6 +205,141 @@ class DispatchService:
             '/nudge.dispatch.v1.DispatchService/ListMessages',
             nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ListMessagesRequest.SerializeToString,
             nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyWorkspacePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nudge.dispatch.v1.DispatchService/ApplyWorkspacePolicy',
+            nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ApplyWorkspacePolicyRequest.SerializeToString,
+            nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ApplyWorkspacePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWorkspacePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nudge.dispatch.v1.DispatchService/GetWorkspacePolicy',
+            nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.GetWorkspacePolicyRequest.SerializeToString,
+            nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.GetWorkspacePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nudge.dispatch.v1.DispatchService/ListDeadLetters',
+            nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ListDeadLettersRequest.SerializeToString,
+            nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nudge.dispatch.v1.DispatchService/ReplayDeadLetter',
+            nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ReplayDeadLetterRequest.SerializeToString,
+            nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.ReplayDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nudge.dispatch.v1.DispatchService/PreviewMessage',
+            nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.PreviewMessageRequest.SerializeToString,
+            nudge_dot_dispatch_dot_v1_dot_dispatch__pb2.PreviewMessageResponse.FromString,
             options,
             channel_credentials,
             insecure,

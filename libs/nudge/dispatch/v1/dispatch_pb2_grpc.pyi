@@ -27,11 +27,13 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class DispatchServiceStub:
-    """DispatchService reports what was sent. Messages are not sent through this API: send requests
-    arrive over the NATS work queue `nudge.dispatch.<workspace>.<channel>`.
+    """DispatchService reports what was sent and manages the delivery policy of the workspace.
+    Messages are not sent through this API: send requests arrive over the NATS work queue
+    `nudge.dispatch.<workspace>.<channel>`.
 
-    Every call must carry `authorization: Bearer <api key>` with the `admin` scope. Errors common to
-    every RPC: UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    Every call must carry `authorization: Bearer <api key>` with the `admin` scope; the key decides
+    the workspace. Errors common to every RPC: UNAUTHENTICATED (bad key), PERMISSION_DENIED (scope),
+    UNAVAILABLE (database unreachable; safe to retry).
     """
 
     @_typing.overload
@@ -39,27 +41,85 @@ class DispatchServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DispatchServiceAsyncStub: ...
     ListMessages: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.ListMessagesRequest, _dispatch_pb2.ListMessagesResponse]
-    """ListMessages lists a user's messages, newest first, with their state and reason."""
+    """ListMessages lists a user's messages, newest first, with their state and reason.
+    Errors: INVALID_ARGUMENT (no user_id, limit out of range).
+    """
+    ApplyWorkspacePolicy: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.ApplyWorkspacePolicyRequest, _dispatch_pb2.ApplyWorkspacePolicyResponse]
+    """ApplyWorkspacePolicy validates and stores the workspace's delivery policy (default time
+    zone, frequency caps, quiet hours, channels that require opt-in). A changed policy gets a new
+    version and is in force for every send claimed after the call returns; an identical one is a
+    no-op. Errors: INVALID_ARGUMENT naming the field (`frequency_caps[1].per: ...`, unknown
+    field, unknown time zone, bad "HH:MM").
+    """
+    GetWorkspacePolicy: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.GetWorkspacePolicyRequest, _dispatch_pb2.GetWorkspacePolicyResponse]
+    """GetWorkspacePolicy returns the policy in force (the default, version 0, if none was applied)."""
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.ListDeadLettersRequest, _dispatch_pb2.ListDeadLettersResponse]
+    """ListDeadLetters lists sends that failed permanently, newest first.
+    Errors: INVALID_ARGUMENT (limit out of range).
+    """
+    ReplayDeadLetter: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.ReplayDeadLetterRequest, _dispatch_pb2.ReplayDeadLetterResponse]
+    """ReplayDeadLetter puts a dead send back to `planned` under the same send_id, with a fresh
+    retry window; it is claimed again (consent, quiet hours and caps are checked again). Replaying
+    a dead letter twice is a no-op the second time (`replayed` false).
+    Errors: NOT_FOUND (no such dead letter in the workspace).
+    """
+    PreviewMessage: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.PreviewMessageRequest, _dispatch_pb2.PreviewMessageResponse]
+    """PreviewMessage renders a message definition for a user exactly as a send would, without
+    sending or recording anything, and says what the policy would do with it now. A render
+    failure is reported in the response, not as an error.
+    Errors: INVALID_ARGUMENT (no user_id, unknown channel or kind, empty template).
+    """
 
 @_typing.type_check_only
 class DispatchServiceAsyncStub(DispatchServiceStub):
-    """DispatchService reports what was sent. Messages are not sent through this API: send requests
-    arrive over the NATS work queue `nudge.dispatch.<workspace>.<channel>`.
+    """DispatchService reports what was sent and manages the delivery policy of the workspace.
+    Messages are not sent through this API: send requests arrive over the NATS work queue
+    `nudge.dispatch.<workspace>.<channel>`.
 
-    Every call must carry `authorization: Bearer <api key>` with the `admin` scope. Errors common to
-    every RPC: UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    Every call must carry `authorization: Bearer <api key>` with the `admin` scope; the key decides
+    the workspace. Errors common to every RPC: UNAUTHENTICATED (bad key), PERMISSION_DENIED (scope),
+    UNAVAILABLE (database unreachable; safe to retry).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListMessages: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.ListMessagesRequest, _dispatch_pb2.ListMessagesResponse]  # type: ignore[assignment]
-    """ListMessages lists a user's messages, newest first, with their state and reason."""
+    """ListMessages lists a user's messages, newest first, with their state and reason.
+    Errors: INVALID_ARGUMENT (no user_id, limit out of range).
+    """
+    ApplyWorkspacePolicy: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.ApplyWorkspacePolicyRequest, _dispatch_pb2.ApplyWorkspacePolicyResponse]  # type: ignore[assignment]
+    """ApplyWorkspacePolicy validates and stores the workspace's delivery policy (default time
+    zone, frequency caps, quiet hours, channels that require opt-in). A changed policy gets a new
+    version and is in force for every send claimed after the call returns; an identical one is a
+    no-op. Errors: INVALID_ARGUMENT naming the field (`frequency_caps[1].per: ...`, unknown
+    field, unknown time zone, bad "HH:MM").
+    """
+    GetWorkspacePolicy: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.GetWorkspacePolicyRequest, _dispatch_pb2.GetWorkspacePolicyResponse]  # type: ignore[assignment]
+    """GetWorkspacePolicy returns the policy in force (the default, version 0, if none was applied)."""
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.ListDeadLettersRequest, _dispatch_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """ListDeadLetters lists sends that failed permanently, newest first.
+    Errors: INVALID_ARGUMENT (limit out of range).
+    """
+    ReplayDeadLetter: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.ReplayDeadLetterRequest, _dispatch_pb2.ReplayDeadLetterResponse]  # type: ignore[assignment]
+    """ReplayDeadLetter puts a dead send back to `planned` under the same send_id, with a fresh
+    retry window; it is claimed again (consent, quiet hours and caps are checked again). Replaying
+    a dead letter twice is a no-op the second time (`replayed` false).
+    Errors: NOT_FOUND (no such dead letter in the workspace).
+    """
+    PreviewMessage: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.PreviewMessageRequest, _dispatch_pb2.PreviewMessageResponse]  # type: ignore[assignment]
+    """PreviewMessage renders a message definition for a user exactly as a send would, without
+    sending or recording anything, and says what the policy would do with it now. A render
+    failure is reported in the response, not as an error.
+    Errors: INVALID_ARGUMENT (no user_id, unknown channel or kind, empty template).
+    """
 
 class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
-    """DispatchService reports what was sent. Messages are not sent through this API: send requests
-    arrive over the NATS work queue `nudge.dispatch.<workspace>.<channel>`.
+    """DispatchService reports what was sent and manages the delivery policy of the workspace.
+    Messages are not sent through this API: send requests arrive over the NATS work queue
+    `nudge.dispatch.<workspace>.<channel>`.
 
-    Every call must carry `authorization: Bearer <api key>` with the `admin` scope. Errors common to
-    every RPC: UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE.
+    Every call must carry `authorization: Bearer <api key>` with the `admin` scope; the key decides
+    the workspace. Errors common to every RPC: UNAUTHENTICATED (bad key), PERMISSION_DENIED (scope),
+    UNAVAILABLE (database unreachable; safe to retry).
     """
 
     @_abc_1.abstractmethod
@@ -68,6 +128,63 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _dispatch_pb2.ListMessagesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dispatch_pb2.ListMessagesResponse, _abc.Awaitable[_dispatch_pb2.ListMessagesResponse]]:
-        """ListMessages lists a user's messages, newest first, with their state and reason."""
+        """ListMessages lists a user's messages, newest first, with their state and reason.
+        Errors: INVALID_ARGUMENT (no user_id, limit out of range).
+        """
+
+    @_abc_1.abstractmethod
+    def ApplyWorkspacePolicy(
+        self,
+        request: _dispatch_pb2.ApplyWorkspacePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatch_pb2.ApplyWorkspacePolicyResponse, _abc.Awaitable[_dispatch_pb2.ApplyWorkspacePolicyResponse]]:
+        """ApplyWorkspacePolicy validates and stores the workspace's delivery policy (default time
+        zone, frequency caps, quiet hours, channels that require opt-in). A changed policy gets a new
+        version and is in force for every send claimed after the call returns; an identical one is a
+        no-op. Errors: INVALID_ARGUMENT naming the field (`frequency_caps[1].per: ...`, unknown
+        field, unknown time zone, bad "HH:MM").
+        """
+
+    @_abc_1.abstractmethod
+    def GetWorkspacePolicy(
+        self,
+        request: _dispatch_pb2.GetWorkspacePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatch_pb2.GetWorkspacePolicyResponse, _abc.Awaitable[_dispatch_pb2.GetWorkspacePolicyResponse]]:
+        """GetWorkspacePolicy returns the policy in force (the default, version 0, if none was applied)."""
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _dispatch_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatch_pb2.ListDeadLettersResponse, _abc.Awaitable[_dispatch_pb2.ListDeadLettersResponse]]:
+        """ListDeadLetters lists sends that failed permanently, newest first.
+        Errors: INVALID_ARGUMENT (limit out of range).
+        """
+
+    @_abc_1.abstractmethod
+    def ReplayDeadLetter(
+        self,
+        request: _dispatch_pb2.ReplayDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatch_pb2.ReplayDeadLetterResponse, _abc.Awaitable[_dispatch_pb2.ReplayDeadLetterResponse]]:
+        """ReplayDeadLetter puts a dead send back to `planned` under the same send_id, with a fresh
+        retry window; it is claimed again (consent, quiet hours and caps are checked again). Replaying
+        a dead letter twice is a no-op the second time (`replayed` false).
+        Errors: NOT_FOUND (no such dead letter in the workspace).
+        """
+
+    @_abc_1.abstractmethod
+    def PreviewMessage(
+        self,
+        request: _dispatch_pb2.PreviewMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatch_pb2.PreviewMessageResponse, _abc.Awaitable[_dispatch_pb2.PreviewMessageResponse]]:
+        """PreviewMessage renders a message definition for a user exactly as a send would, without
+        sending or recording anything, and says what the policy would do with it now. A render
+        failure is reported in the response, not as an error.
+        Errors: INVALID_ARGUMENT (no user_id, unknown channel or kind, empty template).
+        """
 
 def add_DispatchServiceServicer_to_server(servicer: DispatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
