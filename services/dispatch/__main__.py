@@ -13,7 +13,7 @@ from nudge.clock import DbClock
 from nudge.dispatch.v1 import dispatch_pb2_grpc
 from nudge.grpcserver import ServiceBinding, start_grpc_server
 from nudge.logs import setup_logging
-from services.dispatch.application import Dispatcher
+from services.dispatch.application import Dispatcher, Unsubscriber
 from services.dispatch.channels.base import Channel
 from services.dispatch.channels.configured import provider_channels
 from services.dispatch.channels.console import ConsoleChannel
@@ -21,6 +21,7 @@ from services.dispatch.channels.email import SmtpChannel
 from services.dispatch.channels.webhook import WebhookChannel
 from services.dispatch.consumers import consume_send_requests
 from services.dispatch.grpc_api import DispatchServicer
+from services.dispatch.http_api import UnsubscribeApp, start_http_server, unsubscribe_links
 from services.dispatch.settings import Settings
 
 log = logging.getLogger("nudge.dispatch")
@@ -50,13 +51,18 @@ async def main(stop: asyncio.Event) -> None:
             stack.push_async_callback(channel.aclose)
         clock = DbClock(pool)
         await clock.sync()
+        links = unsubscribe_links(settings)
         dispatcher = Dispatcher(
             pool,
             channels,
             clock,
             lease=timedelta(seconds=settings.lease_s),
             retry_window=timedelta(seconds=settings.retry_window_s),
+            channel_concurrency=settings.channel_concurrency,
+            pickup_grace=timedelta(seconds=settings.pickup_grace_s),
+            unsubscribe_links=links,
         )
+        stack.push_async_callback(dispatcher.drain)  # after the loops below stopped feeding it
         supervisor = runtime.Supervisor(stop)
         stack.push_async_callback(supervisor.aclose)
         supervisor.start("clock", clock.run())
@@ -75,6 +81,11 @@ async def main(stop: asyncio.Event) -> None:
                 )
             ],
         )
+        http = await start_http_server(
+            settings.http_address, UnsubscribeApp(Unsubscriber(pool, links))
+        )
+        stack.push_async_callback(http.wait_closed)
+        stack.callback(http.close)
         await server.set_serving(True)
         log.info("dispatch serving on %s", settings.address)
         await stop.wait()

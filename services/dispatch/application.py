@@ -1,12 +1,25 @@
-"""Dispatch application: record, claim, render, send, and record the outcome of each send."""
+"""Dispatch application: record, claim (consent, quiet hours, caps), render, send, and record
+the outcome of each send; workspace policy, dead letters, unsubscribes and previews.
+
+Flow of one send (docs/dispatch.md):
+1. `record`: the request becomes a `planned` row (idempotent by send_id) and the queue message
+   is acknowledged; from here on the database, not the queue, owns the work.
+2. `claim`: under the user's lock, every due send of the user is decided in competition order:
+   suppressed (consent, cap), held (quiet hours) or claimed (cap slot reserved).
+3. `attempt`: render, mark `attempting` (committed before the provider call), call the channel
+   inside its bulkhead, record the outcome with its event.
+The sweeper re-finds anything a crash, a full bulkhead, a hold or a retry left in the table.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
-from collections.abc import Mapping
-from datetime import timedelta
+import uuid
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -20,12 +33,123 @@ from services.dispatch.channels.base import (
     Channel,
     ChannelError,
     OutboundMessage,
+    UndeliverableAddressError,
 )
 from services.dispatch.domain import ambiguous_is_retried, plan_retry
-from services.dispatch.store import SendRow
+from services.dispatch.policy import (
+    Contender,
+    Recipient,
+    Reservation,
+    Verdict,
+    WorkspacePolicy,
+    decide_claims,
+    earliest_window_start,
+    normalize_address,
+    parse_policy,
+    undeliverable_refusal,
+    user_zone,
+)
+from services.dispatch.store import RecipientRecord, SendRow
 from services.dispatch.templating import RenderError, render_message
+from services.dispatch.unsubscribe import UnsubscribeLinks, UnsubscribeRequest
 
 log = logging.getLogger("nudge.dispatch")
+
+KINDS = ("marketing", "transactional")
+
+
+def recipient_of(record: RecipientRecord) -> Recipient:
+    """The policy view of the stored recipient facts."""
+    return Recipient(record.subscriptions, record.timezone, record.undeliverable)
+
+
+def policy_of(stored: tuple[dict[str, Any], int] | None) -> WorkspacePolicy:
+    """The workspace policy from its stored document (the default when none was applied)."""
+    if stored is None:
+        return WorkspacePolicy()
+    return parse_policy(stored[0])
+
+
+class ChannelLanes:
+    """Bulkheads per channel: at most `concurrency` provider calls at once on a channel, and at
+    most `backlog` attempts admitted per channel. A saturated channel refuses new attempts,
+    which then wait in the table for the sweeper, so a hanging provider never stalls the queue
+    consumer, the sweeper, or any other channel."""
+
+    def __init__(self, concurrency: int = 32, backlog: int | None = None) -> None:
+        self._concurrency = concurrency
+        self._backlog = backlog if backlog is not None else 4 * concurrency
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+        self._tasks: dict[str, set[asyncio.Task[None]]] = {}
+        self._keys: set[str] = set()
+
+    def semaphore(self, channel: str) -> asyncio.Semaphore:
+        """The bulkhead around provider calls on `channel`."""
+        found = self._semaphores.get(channel)
+        if found is None:
+            found = self._semaphores[channel] = asyncio.Semaphore(self._concurrency)
+        return found
+
+    def saturated(self) -> list[str]:
+        """Channels that admit no more work now."""
+        return [name for name, tasks in self._tasks.items() if len(tasks) >= self._backlog]
+
+    def busy(self, key: str) -> bool:
+        """Whether work under `key` (a send id) is already running here."""
+        return key in self._keys
+
+    def admit(self, channel: str, key: str, work: Callable[[], Coroutine[Any, Any, None]]) -> bool:
+        """Start `work()` as a task unless the channel is saturated or `key` already runs."""
+        tasks = self._tasks.setdefault(channel, set())
+        if key in self._keys or len(tasks) >= self._backlog:
+            return False
+        task = asyncio.create_task(work(), name=f"send {key}")
+        tasks.add(task)
+        self._keys.add(key)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            tasks.discard(finished)
+            self._keys.discard(key)
+            if not finished.cancelled() and finished.exception() is not None:
+                log.error(
+                    "attempt of send %s failed; the sweeper will pick it up again",
+                    key,
+                    exc_info=finished.exception(),
+                )
+
+        task.add_done_callback(done)
+        return True
+
+    def in_flight(self) -> int:
+        """Attempts admitted and not finished."""
+        return sum(len(tasks) for tasks in self._tasks.values())
+
+    async def wait_idle(self) -> None:
+        """Wait until every admitted attempt has finished (tests, drain)."""
+        while True:
+            pending = [task for tasks in self._tasks.values() for task in tasks]
+            if not pending:
+                return
+            await asyncio.wait(pending)
+
+    async def drain(self, grace_s: float) -> None:
+        """Let running attempts finish for up to `grace_s`, then cancel the rest (their sends
+        stay claimed/attempting and are recovered after the lease)."""
+        try:
+            await asyncio.wait_for(self.wait_idle(), timeout=grace_s)
+        except TimeoutError:
+            pending = [task for tasks in self._tasks.values() for task in tasks]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A send this worker claimed, with the recipient facts read in the claim transaction."""
+
+    send: SendRow
+    recipient: Recipient
 
 
 class Dispatcher:
@@ -40,6 +164,10 @@ class Dispatcher:
         lease: timedelta = timedelta(seconds=60),
         retry_window: timedelta = timedelta(hours=24),
         rng: random.Random | None = None,
+        channel_concurrency: int = 32,
+        pickup_grace: timedelta = timedelta(seconds=5),
+        unsubscribe_links: UnsubscribeLinks | None = None,
+        contender_limit: int = 100,
     ) -> None:
         self._pool = pool
         self._channels = channels
@@ -47,11 +175,17 @@ class Dispatcher:
         self._lease = lease
         self._retry_window = retry_window
         self._rng = rng or random.Random()
-        self._bulkheads = {name: asyncio.Semaphore(32) for name in channels}
+        self._pickup_grace = min(pickup_grace, lease)
+        self._links = unsubscribe_links
+        self._contender_limit = contender_limit
+        self.lanes = ChannelLanes(channel_concurrency)
 
-    async def accept(self, request: dispatch_pb2.SendRequest) -> None:
-        """Record a send request (idempotent by send_id) and attempt it."""
-        await store.insert_planned(
+    # ---------------------------------------------------------------------------- intake
+
+    async def record(self, request: dispatch_pb2.SendRequest) -> bool:
+        """Record a send request as planned (idempotent by send_id); True when new."""
+        decided_at = request.decided_at.ToDatetime() if request.HasField("decided_at") else None
+        return await store.insert_planned(
             self._pool,
             send_id=request.send_id,
             workspace_id=request.workspace_id,
@@ -60,35 +194,87 @@ class Dispatcher:
             campaign_version=request.campaign_version,
             channel=request.channel,
             request=request.SerializeToString(),
+            kind=request.kind if request.kind in KINDS else "marketing",
+            priority=request.priority,
+            decided_at=None if decided_at is None else decided_at.replace(tzinfo=UTC),
+            pickup_grace=self._pickup_grace,
         )
+
+    def submit(self, send_id: str, channel: str) -> bool:
+        """Attempt the send in the background unless its channel is saturated (then the
+        sweeper picks it up once its pickup deadline passes)."""
+        return self.lanes.admit(channel, send_id, lambda: self.attempt(send_id))
+
+    async def accept(self, request: dispatch_pb2.SendRequest) -> None:
+        """Record a send request and attempt it now (waits for the outcome)."""
+        await self.record(request)
         await self.attempt(request.send_id)
 
+    # ---------------------------------------------------------------------------- claim
+
     async def attempt(self, send_id: str) -> None:
-        """Claim the send and make one attempt; a no-op when another attempt owns it or it is
-        finished."""
-        send = await store.claim(self._pool, send_id, self._lease)
-        if send is None:
-            send = await store.claim_stale_attempt(self._pool, send_id, self._lease)
-            if send is None:
-                return
-            if not await self._may_retry_interrupted(send):
-                return
-        await self._attempt_claimed(send)
+        """Claim the send (and the user's other due sends) and attempt what was claimed; a
+        no-op when the send is not claimable (finished, held, or someone else's)."""
+        claimed = await self.claim(send_id)
+        if claimed:
+            await asyncio.gather(*(self._attempt_claimed(item) for item in claimed))
 
-    async def _may_retry_interrupted(self, send: SendRow) -> bool:
-        # The previous attempt died between "request sent" and "outcome recorded": the provider
-        # may have the message. Retrying is safe only where it cannot produce a second arrival.
-        request = dispatch_pb2.SendRequest.FromString(send.request)
-        channel = self._channels.get(send.channel)
-        idempotent = channel is not None and channel.supports_idempotency
-        if ambiguous_is_retried(channel_is_idempotent=idempotent, kind=request.kind):
-            return True
+    async def claim(self, send_id: str) -> list[Claimed]:
+        """Decide every due send of the send's user under the user's lock (docs/dispatch.md);
+        return the sends claimed for this worker."""
+        owner = await store.open_send_owner(self._pool, send_id)
+        if owner is None:
+            return []
+        workspace_id, user_id = owner
         async with self._pool.acquire() as conn, conn.transaction():
-            await store.mark_ambiguous(conn, send, "attempt interrupted; provider outcome unknown")
-        log.warning("send %s parked as ambiguous after an interrupted attempt", send.send_id)
-        return False
+            now = await store.lock_user(conn, workspace_id, user_id)
+            rows = await store.contenders(conn, workspace_id, user_id, now, self._contender_limit)
+            if not rows:
+                return []
+            policy = policy_of(await store.load_policy(conn, workspace_id))
+            facts = recipient_of(await store.recipient(conn, workspace_id, user_id))
+            tz = user_zone(facts.timezone, policy.default_timezone)
+            since = earliest_window_start(now, tz, policy)
+            reservations = (
+                []
+                if since is None
+                else [
+                    Reservation(channel, at)
+                    for channel, at in await store.cap_reservations(
+                        conn, workspace_id, user_id, since
+                    )
+                ]
+            )
+            decisions = decide_claims(
+                [_contender(row) for row in rows],
+                recipient=facts,
+                policy=policy,
+                reservations=reservations,
+                now=now,
+                tz=tz,
+            )
+            by_id = {row.send_id: row for row in rows}
+            claimed: list[Claimed] = []
+            for decision in decisions:
+                row = by_id[decision.send_id]
+                if decision.verdict is Verdict.ATTEMPT:
+                    taken = await store.mark_claimed(
+                        conn, row, self._lease, reserve_cap=decision.reserve_cap, now=now
+                    )
+                    if taken is not None:
+                        claimed.append(Claimed(taken, facts))
+                elif decision.verdict is Verdict.HOLD:
+                    assert decision.next_at is not None
+                    await store.mark_held(conn, row, decision.next_at, decision.reason)
+                else:
+                    await store.mark_suppressed(conn, row, decision.code, decision.reason)
+                    log.info("send %s suppressed: %s", row.send_id, decision.reason)
+        return claimed
 
-    async def _attempt_claimed(self, send: SendRow) -> None:
+    # ---------------------------------------------------------------------------- attempt
+
+    async def _attempt_claimed(self, claimed: Claimed) -> None:
+        send = claimed.send
         request = dispatch_pb2.SendRequest.FromString(send.request)
         channel = self._channels.get(send.channel)
         if channel is None:
@@ -96,9 +282,14 @@ class Dispatcher:
             return
         context: dict[str, Any] = struct_to_dict(request.context)
         try:
-            fields = render_message(dict(request.template), context)
+            fields = render_message(dict(sorted(request.template.items())), context)
         except RenderError as error:
             await self._dead(send, f"render failed: {error}")
+            return
+        refusal = undeliverable_refusal(send.channel, fields.get("to", ""), claimed.recipient)
+        if refusal is not None:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await store.mark_suppressed(conn, send, *refusal)
             return
         message = OutboundMessage(
             send_id=send.send_id,
@@ -106,33 +297,66 @@ class Dispatcher:
             user_id=send.user_id,
             channel=send.channel,
             fields=fields,
+            unsubscribe_url=self._unsubscribe_url(send),
         )
-        try:
-            async with self._bulkheads[send.channel]:
+        async with self.lanes.semaphore(send.channel):
+            attempting = await store.mark_attempting(self._pool, send, self._lease)
+            if attempting is None:
+                log.warning("send %s: claim lost before the attempt; skipped", send.send_id)
+                return
+            try:
                 delivery = await channel.send(message)
-        except AmbiguousChannelError as error:
-            if ambiguous_is_retried(
-                channel_is_idempotent=channel.supports_idempotency, kind=request.kind
-            ):
-                await self._retry(send, error)
-            else:
-                async with self._pool.acquire() as conn, conn.transaction():
-                    await store.mark_ambiguous(conn, send, error.reason)
-        except ChannelError as error:
-            if error.retryable:
-                await self._retry(send, error)
-            else:
-                await self._dead(send, error.reason)
-        else:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await store.mark_sent(conn, send, delivery.provider_message_id)
+            except AmbiguousChannelError as error:
+                await self._ambiguous(attempting, channel, error)
+                return
+            except UndeliverableAddressError as error:
+                address = normalize_address(send.channel, error.address)
+                await self._dead(attempting, error.reason, undeliverable_address=address)
+                return
+            except ChannelError as error:
+                if error.retryable:
+                    await self._retry(attempting, error)
+                else:
+                    await self._dead(attempting, error.reason)
+                return
+            except Exception as error:
+                # A bug in a channel: we cannot tell whether the request went out.
+                log.exception("channel %s raised unexpectedly", send.channel)
+                unknown = AmbiguousChannelError(
+                    f"channel error: {error!r}", retryable=channel.supports_idempotency
+                )
+                await self._ambiguous(attempting, channel, unknown)
+                return
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await store.mark_sent(conn, attempting, delivery.provider_message_id):
+                log.warning("send %s delivered but its claim was taken over", send.send_id)
 
-    async def _retry(self, send: SendRow, error: ChannelError) -> None:
+    def _unsubscribe_url(self, send: SendRow) -> str | None:
+        if self._links is None or send.channel != "email" or send.kind != "marketing":
+            return None
+        return self._links.url(
+            UnsubscribeRequest(send.workspace_id, send.user_id, send.channel, send.send_id)
+        )
+
+    async def _ambiguous(
+        self, send: SendRow, channel: Channel, error: AmbiguousChannelError
+    ) -> None:
+        # The provider may have the message. Retrying is safe only where it cannot produce a
+        # second arrival (the provider dedupes by our key) or where the campaign prefers a
+        # duplicate to a loss (transactional: at-least-once). Either way it is counted.
+        if ambiguous_is_retried(channel_is_idempotent=channel.supports_idempotency, kind=send.kind):
+            await self._retry(send, error, ambiguous=True)
+            return
+        async with self._pool.acquire() as conn, conn.transaction():
+            await store.mark_ambiguous(conn, send, error.reason)
+        log.warning("send %s parked as ambiguous: %s", send.send_id, error.reason)
+
+    async def _retry(self, send: SendRow, error: ChannelError, *, ambiguous: bool = False) -> None:
         decision = plan_retry(
             attempt=send.attempts,
             reason=error.reason,
             retry_after_s=error.retry_after_s,
-            created_at=send.created_at,
+            created_at=send.window_started_at,
             now=self._clock.now(),
             window=self._retry_window,
             rng=self._rng,
@@ -140,21 +364,187 @@ class Dispatcher:
         if decision.next_at is None:
             await self._dead(send, decision.reason)
         else:
-            await store.mark_retry(self._pool, send, decision.next_at, decision.reason)
+            await store.mark_retry(
+                self._pool, send, decision.next_at, decision.reason, ambiguous=ambiguous
+            )
 
-    async def _dead(self, send: SendRow, reason: str) -> None:
+    async def _dead(
+        self, send: SendRow, reason: str, *, undeliverable_address: str | None = None
+    ) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
-            await store.mark_dead(conn, send, reason)
-        log.info("send %s dead-lettered: %s", send.send_id, reason)
+            done = await store.mark_dead(
+                conn, send, reason, undeliverable_address=undeliverable_address
+            )
+        if done:
+            log.info("send %s dead-lettered: %s", send.send_id, reason)
+
+    # ---------------------------------------------------------------------------- sweeper
+
+    async def settle_stale_attempts(self, limit: int = 100) -> int:
+        """Attempts whose lease expired mid-call (worker died or hung): the provider outcome is
+        unknown. Park them as ambiguous, or schedule a retry where that is safe; counted."""
+        stale = await store.stale_attempts(self._pool, limit)
+        for send in stale:
+            channel = self._channels.get(send.channel)
+            idempotent = channel is not None and channel.supports_idempotency
+            reason = "attempt interrupted; provider outcome unknown"
+            if ambiguous_is_retried(channel_is_idempotent=idempotent, kind=send.kind):
+                await store.mark_retry(self._pool, send, self._clock.now(), reason, ambiguous=True)
+            else:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    await store.mark_ambiguous(conn, send, reason)
+                log.warning(
+                    "send %s parked as ambiguous after an interrupted attempt", send.send_id
+                )
+        return len(stale)
 
     async def sweep_once(self, limit: int = 100) -> int:
-        """Attempt sends whose retry is due or whose attempt lease expired; return how many."""
-        send_ids = await store.due_send_ids(self._pool, limit)
-        await asyncio.gather(*(self.attempt(send_id) for send_id in send_ids))
-        return len(send_ids)
+        """Start attempts of due sends (never waits for them); return how many started."""
+        await self.settle_stale_attempts(limit)
+        due = await store.due_sends(self._pool, limit, self.lanes.saturated())
+        return sum(1 for send_id, channel in due if self.submit(send_id, channel))
 
     async def run_sweeper(self, interval_s: float = 0.5) -> None:
         """Sweep forever."""
         while True:
             if await self.sweep_once() == 0:
                 await asyncio.sleep(interval_s)
+            else:
+                await asyncio.sleep(0)
+
+    async def drain(self, grace_s: float = 5.0) -> None:
+        """Finish or cancel running attempts (shutdown)."""
+        await self.lanes.drain(grace_s)
+
+
+def _contender(row: SendRow) -> Contender:
+    return Contender(
+        send_id=row.send_id,
+        channel=row.channel,
+        kind=row.kind,
+        priority=row.priority,
+        decided_at=row.decided_at,
+        holds_cap_slot=row.holds_cap_slot,
+    )
+
+
+# -------------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True)
+class AppliedPolicy:
+    policy: WorkspacePolicy
+    version: int
+    changed: bool
+
+
+async def apply_policy(
+    pool: asyncpg.Pool, workspace_id: str, document: Mapping[str, Any]
+) -> AppliedPolicy:
+    """Validate and store a workspace policy (PolicyError names the bad field); a new version
+    only when the normalized document changed. In force for every claim that starts after."""
+    policy = parse_policy(document)
+    async with pool.acquire() as conn, conn.transaction():
+        version, changed = await store.save_policy(conn, workspace_id, policy.to_dict())
+    return AppliedPolicy(policy, version, changed)
+
+
+async def current_policy(pool: asyncpg.Pool, workspace_id: str) -> tuple[WorkspacePolicy, int]:
+    """The policy in force and its version (0: the default, never applied)."""
+    stored = await store.load_policy(pool, workspace_id)
+    return policy_of(stored), 0 if stored is None else stored[1]
+
+
+# -------------------------------------------------------------------------------- unsubscribe
+
+
+class Unsubscriber:
+    """Records one-click unsubscribes (RFC 8058) as `$identify` events."""
+
+    def __init__(self, pool: asyncpg.Pool, links: UnsubscribeLinks) -> None:
+        self._pool = pool
+        self._links = links
+
+    def verify(self, token: str) -> UnsubscribeRequest:
+        """The request a token stands for (InvalidTokenError if it is not genuine)."""
+        return self._links.verify(token)
+
+    async def unsubscribe(self, request: UnsubscribeRequest) -> bool:
+        """Unsubscribe the user from the channel; True when that changed something. Effective
+        for every claim that starts after this returns (the projection is inline)."""
+        # A fresh event id each time: the same link may be used again after a re-subscribe.
+        event_id = f"unsubscribe:{request.send_id}:{uuid.uuid4().hex}"
+        async with self._pool.acquire() as conn, conn.transaction():
+            return await store.append_unsubscribe(
+                conn,
+                request.workspace_id,
+                request.user_id,
+                request.channel,
+                request.send_id,
+                event_id,
+            )
+
+
+# -------------------------------------------------------------------------------- preview
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A rendered message that was not sent, and what the policy would do with it now."""
+
+    fields: dict[str, str]
+    error: str
+    error_field: str
+    verdict: str
+    reason: str
+    hold_until: datetime | None
+
+
+async def preview(
+    pool: asyncpg.Pool,
+    *,
+    workspace_id: str,
+    user_id: str,
+    channel: str,
+    kind: str,
+    template: Mapping[str, str],
+    context: Mapping[str, Any],
+) -> Preview:
+    """Render like a real send and evaluate consent, quiet hours and caps read-only."""
+    fields: dict[str, str] = {}
+    error = error_field = ""
+    try:
+        fields = render_message(dict(sorted(template.items())), context)
+    except RenderError as failure:
+        error, error_field = failure.reason, failure.field
+    async with pool.acquire() as conn:
+        now = await conn.fetchval("SELECT nudge_now()")
+        policy = policy_of(await store.load_policy(conn, workspace_id))
+        facts = recipient_of(await store.recipient(conn, workspace_id, user_id))
+        tz = user_zone(facts.timezone, policy.default_timezone)
+        since = earliest_window_start(now, tz, policy)
+        used = (
+            []
+            if since is None
+            else [
+                Reservation(c, at)
+                for c, at in await store.cap_reservations(conn, workspace_id, user_id, since)
+            ]
+        )
+    probe = Contender("preview", channel, kind if kind in KINDS else "marketing", 0, now)
+    [decision] = decide_claims(
+        [probe], recipient=facts, policy=policy, reservations=used, now=now, tz=tz
+    )
+    verdict, reason = decision.verdict.value, decision.reason
+    if verdict == "attempt" and fields:
+        refusal = undeliverable_refusal(channel, fields.get("to", ""), facts)
+        if refusal is not None:
+            verdict, reason = "suppress", refusal[1]
+    return Preview(
+        fields,
+        error,
+        error_field,
+        "send" if verdict == "attempt" else verdict,
+        reason,
+        decision.next_at,
+    )

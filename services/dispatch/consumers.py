@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
@@ -25,7 +26,11 @@ async def consume_send_requests(
     batch: int = 64,
     ack_wait_s: float = 60.0,
 ) -> None:
-    """Pull send requests forever; ack each after its outcome (or retry state) is committed."""
+    """Pull send requests forever; ack each once it is recorded as a planned send.
+
+    From then on the `sends` table owns the work: the attempt runs in the background in its
+    channel's bulkhead, and whatever a crash or a saturated channel leaves behind is found by the
+    sweeper. So a slow provider never holds a fetched batch, and a batch never waits for it."""
     subject = f"{names.prefix}.dispatch.>"
     config: ConsumerConfig = work_queue_consumer(DURABLE, subject, ack_wait_s)
     subscription = await js.pull_subscribe(
@@ -50,10 +55,31 @@ async def _handle(dispatcher: Dispatcher, message: object) -> None:
         log.error("poison send request on %s: not a SendRequest; terminated", message.subject)
         await message.term()
         return
+    problem = _invalid(request)
+    if problem:
+        log.error("poison send request on %s: %s; terminated", message.subject, problem)
+        await message.term()
+        return
     try:
-        await dispatcher.accept(request)
+        await dispatcher.record(request)
     except Exception:
-        log.exception("send %s failed to process; will be redelivered", request.send_id)
+        log.exception("send %s could not be recorded; will be redelivered", request.send_id)
         await message.nak(delay=1.0)
         return
-    await message.ack_sync()
+    try:
+        await message.ack_sync()
+    except Exception as error:
+        # Redelivered later and recorded again as a no-op; the send itself is safe.
+        log.warning("ack of send %s failed: %r", request.send_id, error)
+    dispatcher.submit(request.send_id, request.channel)
+
+
+def _invalid(request: dispatch_pb2.SendRequest) -> str:
+    try:
+        uuid.UUID(request.send_id)
+    except ValueError:
+        return f"send_id {request.send_id[:64]!r} is not a UUID"
+    for name in ("workspace_id", "user_id", "channel", "campaign_id"):
+        if not getattr(request, name):
+            return f"{name} is empty"
+    return ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from nudge.config import ConfigError, env_address, env_float, env_int, env_str
 
@@ -28,6 +29,11 @@ class Settings:
     twilio: TwilioSettings | None = None
     provider_ca_file: str | None = None
     provider_timeout_s: float = 10.0
+    http_address: str = "127.0.0.1:50055"
+    unsubscribe_secret: str | None = None
+    unsubscribe_url: str | None = None
+    channel_concurrency: int = 32
+    pickup_grace_s: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -54,7 +60,25 @@ class Settings:
             twilio=TwilioSettings.from_env(env),
             provider_ca_file=_optional("NUDGE_PROVIDER_CA_FILE", env),
             provider_timeout_s=env_float("NUDGE_PROVIDER_TIMEOUT_S", 10.0, env),
+            **_delivery_from_env(env),
         )
+
+
+def _delivery_from_env(env: Mapping[str, str] | None) -> dict[str, Any]:
+    """NUDGE_DISPATCH_HTTP_ADDR (the unsubscribe endpoint), NUDGE_UNSUBSCRIBE_SECRET (default:
+    derived from NUDGE_WEBHOOK_SECRET), NUDGE_UNSUBSCRIBE_URL (the public URL of
+    /unsubscribe; must be https in production), NUDGE_DISPATCH_CHANNEL_CONCURRENCY (provider
+    calls in flight per channel), NUDGE_DISPATCH_PICKUP_GRACE_S."""
+    concurrency = env_int("NUDGE_DISPATCH_CHANNEL_CONCURRENCY", 32, env)
+    if concurrency < 1:
+        raise ConfigError("NUDGE_DISPATCH_CHANNEL_CONCURRENCY", "must be at least 1")
+    return {
+        "http_address": env_address("NUDGE_DISPATCH_HTTP_ADDR", "127.0.0.1:50055", env),
+        "unsubscribe_secret": _optional("NUDGE_UNSUBSCRIBE_SECRET", env),
+        "unsubscribe_url": _optional("NUDGE_UNSUBSCRIBE_URL", env),
+        "channel_concurrency": concurrency,
+        "pickup_grace_s": env_float("NUDGE_DISPATCH_PICKUP_GRACE_S", 5.0, env),
+    }
 
 
 def _optional(name: str, env: Mapping[str, str] | None) -> str | None:

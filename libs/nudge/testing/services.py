@@ -64,6 +64,7 @@ class ServiceProcesses:
             "NUDGE_WEBHOOK_ALLOW_HOSTS": "127.0.0.1,localhost",
             "PYTHONPATH": f"{ROOT / 'libs'}{os.pathsep}{ROOT}",
             **{f"NUDGE_{name.upper()}_ADDR": address for name, address in addresses.items()},
+            "NUDGE_DISPATCH_HTTP_ADDR": f"127.0.0.1:{free_port()}",  # the unsubscribe endpoint
             **(extra_env or {}),
         }
         log_dir.mkdir(parents=True, exist_ok=True)
