@@ -1,0 +1,116 @@
+"""The delivery commands against the running stack: `nudge workspace apply|show`,
+`nudge preview`, `nudge dead-letters list|replay`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from nudge.cli.main import main
+from tests.e2e.conftest import Stack
+
+pytestmark = pytest.mark.e2e
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "campaigns"
+
+Run = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def nudge(
+    stack: Stack,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> Run:
+    monkeypatch.setenv("NUDGE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("NUDGE_API_KEY", stack.api_key)
+    for service in ("ingest", "rules", "dispatch"):
+        monkeypatch.setenv(f"NUDGE_{service.upper()}_ADDR", stack.address(service))
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def _eventually(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.2)
+
+
+def test_workspace_policy_preview_and_dead_letters_from_the_cli(nudge: Run, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("frequency_caps:\n  - {channel: any, max: 3, per: 1 day}\n")
+    code, _, err = nudge("workspace", "apply", str(bad))
+    assert code == 1
+    assert "frequency_caps[0].per" in err
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "default_timezone: Europe/Berlin\n"
+        "frequency_caps:\n"
+        "  - {channel: any, max: 3, per: 1d}\n"
+        "  - {channel: push, max: 1, per: 1h}\n"
+        'quiet_hours: {start: "22:00", end: "08:00", channels: [push, sms]}\n'
+    )
+    assert nudge("workspace", "apply", str(policy))[:2] == (
+        0,
+        "workspace policy version 1 (changed)\n",
+    )
+    unchanged = nudge("workspace", "apply", str(policy))[1]
+    assert unchanged == "workspace policy version 1 (unchanged)\n"
+    shown = json.loads(nudge("workspace", "show", "--json")[1])
+    assert shown["quiet_hours"] == {
+        "start": "22:00",
+        "end": "08:00",
+        "channels": ["push", "sms"],
+    }
+    assert shown["default_timezone"] == "Europe/Berlin"
+
+    assert nudge("campaigns", "apply", str(EXAMPLES / "order-shipped.yaml"))[0] == 0
+    traits = {"email": "ada@example.test", "first_name": "Ada"}
+    traits["email_subscribe"] = "unsubscribed"
+    assert nudge("identify", "--user", "ada", "--traits", json.dumps(traits))[0] == 0
+    _eventually(lambda: nudge("user", "ada", "--json")[0] == 0)
+    props = json.dumps({"order_id": "A-17", "total": 42, "eta": "Monday"})
+    code, out, _ = nudge("preview", "order-shipped", "--user", "ada", "--props", props)
+    assert code == 0
+    assert "subject: Your order A-17 is on its way\n" in out
+    assert "body: Hi Ada, it arrives Monday.\n" in out
+    assert "policy now: suppress (user unsubscribed from email (email_subscribe))" in out
+    code, _, err = nudge("preview", "order-shipped", "--user", "ada")
+    assert code == 1  # no eta: a missing variable aborts the message (fields in name order)
+    assert "render error in body: event.properties.eta is undefined" in err
+
+    assert nudge("identify", "--user", "bob", "--traits", '{"email": "not an address"}')[0] == 0
+    order = json.dumps({"order_id": "B-1", "total": 30, "eta": "soon"})
+    assert nudge("track", "--user", "bob", "--event", "order_shipped", "--props", order)[0] == 0
+
+    def dead_letters() -> list[dict[str, object]]:
+        letters: list[dict[str, object]] = json.loads(nudge("dead-letters", "list", "--json")[1])
+        return letters
+
+    _eventually(lambda: len(dead_letters()) == 1)
+    [letter] = dead_letters()
+    assert letter["user_id"] == "bob"
+    assert "invalid recipient address" in str(letter["reason"])
+    code, out, _ = nudge("dead-letters", "replay", str(letter["dead_letter_id"]))
+    assert (code, out) == (
+        0,
+        f"replayed {letter['dead_letter_id']}: send {letter['send_id']} is planned again\n",
+    )
+    code, out, _ = nudge("dead-letters", "replay", str(letter["dead_letter_id"]))
+    assert code == 0
+    assert "was already replayed" in out
+    code, _, err = nudge("dead-letters", "replay", "999999")
+    assert code == 2
+    assert "NOT_FOUND" in err
