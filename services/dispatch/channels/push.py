@@ -34,6 +34,7 @@ from services.dispatch.channels.base import (
     OutboundMessage,
     PermanentChannelError,
     TransientChannelError,
+    UndeliverableAddressError,
 )
 from services.dispatch.channels.provider_http import AccessTokenProvider
 
@@ -50,13 +51,13 @@ _APNS_PRIORITIES: Final = frozenset({1, 5, 10})
 _USER_AGENT: Final = "nudge-push/0.1"
 
 
-class UnregisteredTokenError(PermanentChannelError):
+class UnregisteredTokenError(UndeliverableAddressError):
     """The provider says the device token is no longer valid (app uninstalled, token rotated).
 
-    Permanent for this send, and a signal: the token must not be used again. `address` is the
-    rendered `to` field as the dispatcher compares it (stripped; it may carry a `platform:`
-    prefix), `token` the bare device token, `unregistered_at` when the provider last knew the
-    token to be invalid (APNs `timestamp`), if it said.
+    Permanent for this send, and (as an UndeliverableAddressError) a signal: dispatch records
+    `address` so no later push goes to it. `address` is the rendered `to` field as dispatch
+    compares it (stripped; it may carry a `platform:` prefix), `token` the bare device token,
+    `unregistered_at` when the provider last knew the token to be invalid (APNs `timestamp`).
     """
 
     def __init__(
@@ -68,8 +69,7 @@ class UnregisteredTokenError(PermanentChannelError):
         token: str,
         unregistered_at: datetime | None = None,
     ) -> None:
-        super().__init__(reason)
-        self.address = address
+        super().__init__(reason, address=address)
         self.provider = provider
         self.token = token
         self.unregistered_at = unregistered_at

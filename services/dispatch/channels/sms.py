@@ -24,6 +24,7 @@ from services.dispatch.channels.base import (
     OutboundMessage,
     PermanentChannelError,
     TransientChannelError,
+    UndeliverableAddressError,
 )
 
 TWILIO: Final = "twilio"
@@ -37,17 +38,17 @@ OPTED_OUT_CODES: Final = frozenset({21610})  # the recipient replied STOP
 TRANSIENT_CODES: Final = frozenset({21611, 20429})  # From's queue full; too many requests
 
 
-class RecipientOptedOutError(PermanentChannelError):
+class RecipientOptedOutError(UndeliverableAddressError):
     """The provider refuses because the recipient unsubscribed at the carrier level (STOP).
 
-    Permanent for this send, and a signal: no later SMS should go to this number until the user
-    opts in again. `address` is the rendered `to` field as the dispatcher compares it
-    (stripped), `number` its E.164 form, `code` the provider's error code.
+    Permanent for this send, and (as an UndeliverableAddressError) a signal: dispatch records
+    `address` so no later SMS goes to it until the user opts in again (`sms_subscribe:
+    opted_in`). `address` is the rendered `to` field as dispatch compares it (stripped),
+    `number` its E.164 form, `code` the provider's error code.
     """
 
     def __init__(self, reason: str, *, address: str, number: str, provider: str, code: int) -> None:
-        super().__init__(reason)
-        self.address = address
+        super().__init__(reason, address=address)
         self.number = number
         self.provider = provider
         self.code = code

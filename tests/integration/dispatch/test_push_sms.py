@@ -33,6 +33,7 @@ from services.dispatch.channels import (
     OutboundMessage,
     PermanentChannelError,
     TransientChannelError,
+    UndeliverableAddressError,
 )
 from services.dispatch.channels.configured import provider_channels
 from services.dispatch.channels.provider_http import StaticAccessToken
@@ -221,6 +222,7 @@ async def test_apns_410_unregistered_signals_token_removal(
         await channels.apns().send(push(to=APNS_TOKEN))
 
     error = caught.value
+    assert isinstance(error, UndeliverableAddressError)
     assert isinstance(error, PermanentChannelError)
     assert not error.retryable
     assert error.reason.startswith("unregistered token")
@@ -647,7 +649,7 @@ async def test_twilio_unsubscribed_recipient_is_signalled(
     with pytest.raises(RecipientOptedOutError) as caught:
         await channels.twilio().send(message("sms", to=" +1 415-555-0100 ", body="Hi"))
 
-    assert isinstance(caught.value, PermanentChannelError)
+    assert isinstance(caught.value, UndeliverableAddressError)
     assert caught.value.address == "+1 415-555-0100"  # as rendered: what dispatch compares
     assert (caught.value.number, caught.value.code) == ("+14155550100", 21610)
     assert caught.value.reason.startswith("recipient unsubscribed (twilio 400 21610")
