@@ -338,6 +338,8 @@ def run_messages(args: argparse.Namespace) -> int:
                 "attempts": m.attempts,
                 "created_at": _iso(m.created_at, m.HasField("created_at")),
                 "sent_at": _iso(m.sent_at, m.HasField("sent_at")) or None,
+                "next_at": _iso(m.next_at, m.HasField("next_at")) or None,
+                "ambiguous_attempts": m.ambiguous_attempts,
             }
             for m in response.messages
         ]
