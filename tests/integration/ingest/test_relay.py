@@ -276,6 +276,24 @@ async def wait_for_messages(rig: RelayRig, count: int, timeout_s: float = 10.0) 
         await asyncio.sleep(0.05)
 
 
+async def wait_until_caught_up(rig: RelayRig, timeout_s: float = 10.0) -> None:
+    """Until the checkpoint is at the last event with nothing pending (it commits after the
+    messages are acked, so seeing the messages is not enough before stopping a relay)."""
+    last = await rig.pool.fetchrow(
+        "SELECT tx_id::text AS tx, global_position FROM events"
+        " ORDER BY tx_id DESC, global_position DESC LIMIT 1"
+    )
+    assert last is not None
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        checkpoint = await rig.checkpoint()
+        at_end = (checkpoint["tx"], checkpoint["global_position"]) == tuple(last.values())
+        if at_end and checkpoint["ptx"] is None:
+            return
+        assert asyncio.get_running_loop().time() < deadline, "relay checkpoint did not catch up"
+        await asyncio.sleep(0.02)
+
+
 # --- crash between publish and checkpoint -----------------------------------------------------
 
 
@@ -300,6 +318,7 @@ async def test_after_a_crash_before_the_checkpoint_the_range_is_republished_as_d
     recording = RecordingJetStream(rig.js)
     rig.start(rig.relay(recording, batch_size=500))  # smaller reads must rebuild the same range
     await wait_for_messages(rig, before + 1)
+    await wait_until_caught_up(rig)
     await rig.stop_all()
 
     republished = recording.msg_ids[: len(crashing.msg_ids)]
@@ -339,6 +358,7 @@ async def test_a_pending_range_left_in_the_checkpoint_is_finished_before_new_eve
     recording = RecordingJetStream(rig.js)
     rig.start(rig.relay(recording))
     await wait_for_messages(rig, 3)
+    await wait_until_caught_up(rig)
     await rig.stop_all()
 
     assert recording.msg_ids[0] == msg_id
