@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import AsyncExitStack
+from datetime import timedelta
 
 from nudge import bus, db, runtime
 from nudge.auth import KeyVerifier
@@ -45,7 +46,8 @@ async def main(stop: asyncio.Event) -> None:
         projection_wake = asyncio.Event()
         outbox_wake = asyncio.Event()
         cache = CampaignCache()
-        planner = Planner(names)
+        fire_margin = timedelta(seconds=settings.fire_margin_s)
+        planner = Planner(names, fire_margin=fire_margin)
         projector = Projector(
             pool, cache, planner, batch_size=settings.batch_size, on_effects=outbox_wake
         )
@@ -62,7 +64,8 @@ async def main(stop: asyncio.Event) -> None:
         )
         supervisor.start("outbox", outbox.run())
 
-        servicer = RulesServicer(pool, KeyVerifier(pool), CampaignAdmin(pool), UserViews(pool))
+        admin = CampaignAdmin(pool, fire_margin=fire_margin, on_effects=outbox_wake)
+        servicer = RulesServicer(pool, KeyVerifier(pool), admin, UserViews(pool))
         server = await start_grpc_server(
             settings.address,
             [

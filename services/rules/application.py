@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -20,10 +20,10 @@ import asyncpg
 
 from nudge import eventstore
 from nudge.bus import BusNames
-from nudge.db import Conn, Queryable
+from nudge.db import Conn, Queryable, db_now
 from nudge.dispatch.v1 import dispatch_pb2
 from nudge.eventstore import StoredEvent
-from nudge.grpcserver import InvalidArgumentError
+from nudge.grpcserver import InvalidArgumentError, NotFoundError
 from nudge.protoconv import dict_to_struct, to_timestamp
 from nudge.scheduler.v1 import scheduler_pb2
 from services.rules import store
@@ -34,6 +34,7 @@ from services.rules.domain import (
     Decision,
     DecisionKind,
     Membership,
+    PendingInstance,
     RecordedEvent,
     UserState,
     cel_view,
@@ -43,7 +44,12 @@ from services.rules.domain import (
     state_from_dict,
     state_to_dict,
 )
-from services.rules.evaluation import EvaluationContext, decide_at_fire, decide_on_event
+from services.rules.evaluation import (
+    EvaluationContext,
+    decide_at_fire,
+    decide_exception,
+    decide_on_event,
+)
 
 log = logging.getLogger("nudge.rules")
 
@@ -61,11 +67,18 @@ class LiveCampaign:
 
 
 class CampaignCache:
-    """Compiled campaigns, reloaded whenever the campaigns table changes."""
+    """Compiled campaigns, reloaded whenever the campaigns table changes.
+
+    Holds every stored version (pending instances keep the version that armed them, and their
+    exception rules are that version's), and indexes the current versions by the event names
+    that can start them, and all versions by the event names that cancel them.
+    """
 
     def __init__(self) -> None:
         self._generation: tuple[int, datetime | None] | None = None
         self._by_event: dict[tuple[str, str], list[LiveCampaign]] = {}
+        self._any_event: dict[str, list[LiveCampaign]] = {}
+        self._exceptions: dict[tuple[str, str], frozenset[str]] = {}
         self._versions: dict[tuple[str, str, int], CompiledCampaign] = {}
 
     async def refresh(self, conn: Queryable) -> None:
@@ -74,20 +87,48 @@ class CampaignCache:
         if generation == self._generation:
             return
         by_event: dict[tuple[str, str], list[LiveCampaign]] = {}
+        any_event: dict[str, list[LiveCampaign]] = {}
         for version in await store.current_campaigns(conn):
             compiled = self._compile(version)
-            trigger = compiled.definition.trigger
-            event_name = getattr(trigger, "event", None)
-            if event_name is None:
-                continue
             live = LiveCampaign(compiled, version.status, version.created_at)
-            by_event.setdefault((version.workspace_id, event_name), []).append(live)
+            names = compiled.trigger_event_names
+            if names is None:
+                any_event.setdefault(version.workspace_id, []).append(live)
+                continue
+            for name in sorted(names):
+                by_event.setdefault((version.workspace_id, name), []).append(live)
+        exceptions: dict[tuple[str, str], set[str]] = {}
+        for version in await store.all_campaign_versions(conn):
+            compiled = self._compile(version)
+            for rule in compiled.definition.exceptions:
+                exceptions.setdefault((version.workspace_id, rule.event), set()).add(
+                    version.campaign_id
+                )
         self._by_event = by_event
+        self._any_event = any_event
+        self._exceptions = {key: frozenset(ids) for key, ids in exceptions.items()}
         self._generation = generation
 
     def for_event(self, workspace_id: str, event_name: str) -> Sequence[LiveCampaign]:
-        """Current campaigns whose trigger names this event."""
-        return self._by_event.get((workspace_id, event_name), ())
+        """Current campaigns this event may start (its trigger event, or a threshold it may
+        change), ordered by campaign id."""
+        named = self._by_event.get((workspace_id, event_name), ())
+        wide = self._any_event.get(workspace_id, ())
+        if not wide:
+            return named
+        if not named:
+            return wide
+        return sorted([*named, *wide], key=lambda live: live.compiled.definition.id)
+
+    def cancelled_by(self, workspace_id: str, event_name: str) -> frozenset[str]:
+        """Ids of campaigns with an exception rule (in any version) naming this event."""
+        return self._exceptions.get((workspace_id, event_name), frozenset())
+
+    def compiled(
+        self, workspace_id: str, campaign_id: str, version: int
+    ) -> CompiledCampaign | None:
+        """A version loaded by the last refresh."""
+        return self._versions.get((workspace_id, campaign_id, version))
 
     def _compile(self, version: store.CampaignVersion) -> CompiledCampaign:
         key = (version.workspace_id, version.campaign_id, version.version)
@@ -147,53 +188,111 @@ def _event_from_document(doc: Mapping[str, Any]) -> RecordedEvent:
     )
 
 
+@dataclass
+class CampaignMember:
+    """One user's history with one campaign while a batch (or a fired timer) is decided.
+
+    Loaded from the instances, then kept up to date in memory as decisions are made, so that
+    a later event of the same batch sees the instances an earlier one armed, re-armed or
+    cancelled.
+    """
+
+    last_entered_at: datetime | None = None
+    last_sent_at: datetime | None = None
+    pending: dict[str, tuple[store.Instance, PendingInstance]] = field(default_factory=dict)
+
+    def membership(self) -> Membership:
+        """The pure view that decisions take."""
+        return Membership(
+            last_entered_at=self.last_entered_at,
+            last_sent_at=self.last_sent_at,
+            pending=frozenset(self.pending),
+            pending_instances={key: pending for key, (_, pending) in self.pending.items()},
+        )
+
+    def add_pending(self, instance: store.Instance, trigger: RecordedEvent) -> None:
+        """Track a new pending instance."""
+        self.pending[instance.correlation] = (
+            instance,
+            PendingInstance(
+                instance_id=UUID(instance.instance_id),
+                version=instance.version,
+                correlation=instance.correlation,
+                trigger=trigger,
+                due_at=instance.due_at,
+            ),
+        )
+
+
+MemberKey = tuple[str, str, str]
+"""(workspace_id, user_id, campaign_id)"""
+
+
+async def load_members(
+    conn: Queryable,
+    keys: Iterable[tuple[str, str]],
+    exclude_instance: str | None = None,
+    *,
+    lock: bool = False,
+) -> dict[MemberKey, CampaignMember]:
+    """Users' history with campaigns, from their instances, by (workspace, user, campaign).
+
+    With `lock`, their pending instances are locked FOR UPDATE until the transaction ends.
+    """
+    pairs = list(keys)
+    members: dict[MemberKey, CampaignMember] = {}
+    for summary in await store.member_summaries(conn, pairs, exclude_instance):
+        members[(summary.workspace_id, summary.user_id, summary.campaign_id)] = CampaignMember(
+            last_entered_at=summary.last_entered_at, last_sent_at=summary.last_sent_at
+        )
+    for instance in await store.pending_instances(conn, pairs, exclude_instance, lock=lock):
+        key = (instance.workspace_id, instance.user_id, instance.campaign_id)
+        member = members.setdefault(key, CampaignMember())
+        member.add_pending(instance, _event_from_document(instance.trigger_event))
+    return members
+
+
 async def load_memberships(
     conn: Queryable, keys: Iterable[tuple[str, str]], exclude_instance: str | None = None
-) -> dict[tuple[str, str, str], Membership]:
-    """Users' history with campaigns, from their instances, by (workspace, user, campaign)."""
-    pairs = list(keys)
-    rows = await conn.fetch(
-        """SELECT i.workspace_id, i.user_id, i.campaign_id,
-                  max(i.created_at) AS last_entered_at,
-                  max(i.due_at) FILTER (WHERE i.state = 'sent') AS last_sent_at,
-                  coalesce(array_agg(i.correlation) FILTER (WHERE i.state = 'pending'), '{}')
-                      AS pending
-           FROM unnest($1::text[], $2::text[]) AS k(w, u)
-           JOIN campaign_instances i ON i.workspace_id = k.w AND i.user_id = k.u
-           WHERE $3::uuid IS NULL OR i.instance_id <> $3::uuid
-           GROUP BY 1, 2, 3""",
-        [w for w, _ in pairs],
-        [u for _, u in pairs],
-        exclude_instance,
-    )
-    return {
-        (r["workspace_id"], r["user_id"], r["campaign_id"]): Membership(
-            last_entered_at=r["last_entered_at"],
-            last_sent_at=r["last_sent_at"],
-            pending=frozenset(r["pending"]),
-        )
-        for r in rows
-    }
+) -> dict[MemberKey, Membership]:
+    """Users' history with campaigns, by (workspace, user, campaign)."""
+    members = await load_members(conn, keys, exclude_instance)
+    return {key: member.membership() for key, member in members.items()}
 
 
 @dataclass
 class _Effects:
-    """What one transaction writes besides states and the checkpoint."""
+    """What one transaction writes besides states and the checkpoint.
+
+    Timer calls are kept per timer, last one wins, in first-seen order: a user with many
+    sessions in one batch re-arms their inactivity timer once, and a timer armed then
+    cancelled within the batch is only cancelled.
+    """
 
     decisions: list[store.DecisionRow] = field(default_factory=list)
     instances: list[store.Instance] = field(default_factory=list)
     outbox: list[store.OutboxItem] = field(default_factory=list)
+    timers: dict[str, store.OutboxItem] = field(default_factory=dict)
+    rearmed: dict[str, store.Rearm] = field(default_factory=dict)
+    cancelled_instances: list[str] = field(default_factory=list)
     sent_instances: list[str] = field(default_factory=list)
     suppressed_instances: list[str] = field(default_factory=list)
 
+    @property
+    def has_outbox(self) -> bool:
+        """Whether the transaction hands work to the outbox worker."""
+        return bool(self.outbox or self.timers)
+
     async def write(self, conn: Conn) -> None:
         await store.insert_instances(conn, self.instances)
+        await store.rearm_instances(conn, list(self.rearmed.values()))
+        await store.cancel_instances(conn, self.cancelled_instances)
         for instance_id in self.sent_instances:
             await store.set_instance_state(conn, instance_id, "sent")
         for instance_id in self.suppressed_instances:
             await store.set_instance_state(conn, instance_id, "suppressed")
         await store.insert_decisions(conn, self.decisions)
-        await store.insert_outbox(conn, self.outbox)
+        await store.insert_outbox(conn, [*self.outbox, *self.timers.values()])
 
 
 def _decision_row(decision: Decision) -> store.DecisionRow:
@@ -219,11 +318,34 @@ def _decision_row(decision: Decision) -> store.DecisionRow:
     )
 
 
+DEFAULT_FIRE_MARGIN = timedelta(seconds=5)
+"""How long after an instance's due time its timer fires (`NUDGE_RULES_FIRE_MARGIN_S`).
+
+The fire-time re-check must see every event *received* before the due time (RELIABILITY.md
+P4). The timer's snapshot xmax covers every transaction that had an xid when it fired, and the
+handler waits until the projection has applied all of them; but ingest stamps `received_at`
+inside its INSERT a moment before the transaction gets its xid, so an event stamped just
+before the due time could still lack an xid at the exact due time. Firing `margin` later
+closes that window as long as no ingest statement spends longer than `margin` between the two
+(lock_timeout is 5 s)."""
+
+
 class Planner:
     """Turns triggered decisions into instances, timers and send requests."""
 
-    def __init__(self, names: BusNames) -> None:
+    def __init__(self, names: BusNames, *, fire_margin: timedelta = DEFAULT_FIRE_MARGIN) -> None:
         self._names = names
+        self.fire_margin = fire_margin
+
+    def arm(self, instance_id: str, workspace_id: str, due_at: datetime) -> store.OutboxItem:
+        """Arm (or re-arm) an instance's timer for its due time plus the fire margin."""
+        return self.timer(instance_id, workspace_id, due_at + self.fire_margin)
+
+    @staticmethod
+    def cancel(instance_id: str) -> store.OutboxItem:
+        """The scheduler call cancelling an instance's timer."""
+        request = scheduler_pb2.CancelRequest(timer_id=instance_id)
+        return store.OutboxItem("cancel", f"cancel:{instance_id}", request.SerializeToString())
 
     def send_request(
         self,
@@ -326,11 +448,24 @@ class Projector:
             await self._cache.refresh(conn)
             effects = await self._apply(conn, [recorded(e) for e in result.events])
             await effects.write(conn)
-            await eventstore.save_checkpoint(conn, READER, result.events[-1].cursor, result.xmin)
+            await eventstore.save_checkpoint(
+                conn, READER, result.events[-1].cursor, self._watermark(result)
+            )
         self.applied_events += len(result.events)
-        if effects.outbox and self._on_effects is not None:
+        if effects.has_outbox and self._on_effects is not None:
             self._on_effects.set()
         return len(result.events)
+
+    def _watermark(self, result: eventstore.ReadResult) -> int:
+        """The xid below which every transaction is applied once this batch commits.
+
+        A batch that stopped short of the snapshot (it was full) has applied every transaction
+        below its last event's, not every one below the snapshot xmin; recording the xmin then
+        would let a fired timer's re-check run before events it must see (T-U9).
+        """
+        if len(result.events) < self._batch_size:
+            return result.xmin
+        return result.events[-1].tx_id
 
     async def _apply(self, conn: Conn, events: Sequence[RecordedEvent]) -> _Effects:
         keys = {(e.workspace_id, e.user_id) for e in events}
@@ -338,17 +473,19 @@ class Projector:
         states: dict[tuple[str, str], UserState] = {
             key: state_from_dict(doc) for key, doc in documents.items()
         }
-        triggered_users = {
+        involved = {
             (e.workspace_id, e.user_id)
             for e in events
             if self._cache.for_event(e.workspace_id, e.name)
+            or self._cache.cancelled_by(e.workspace_id, e.name)
         }
-        memberships = await load_memberships(conn, triggered_users) if triggered_users else {}
+        members = await load_members(conn, involved, lock=True) if involved else {}
         effects = _Effects()
         positions: dict[tuple[str, str], int] = {}
         for event in events:
             key = (event.workspace_id, event.user_id)
-            state = evolve(states.get(key), event)
+            before = states.get(key)
+            state = evolve(before, event)
             states[key] = state
             positions[key] = event.global_position
             campaigns = [
@@ -356,22 +493,57 @@ class Projector:
                 for live in self._cache.for_event(event.workspace_id, event.name)
                 if event.received_at >= live.created_at
             ]
-            if campaigns:
-                self._evaluate(event, state, campaigns, memberships, effects)
+            cancelling = self._cache.cancelled_by(event.workspace_id, event.name)
+            if campaigns or cancelling:
+                self._cancel(event, state, cancelling, members, effects)
+                self._evaluate(event, before, state, campaigns, members, effects)
         await store.save_states(
             conn,
             [(w, u, state_to_dict(states[(w, u)]), positions[(w, u)]) for w, u in positions],
         )
         return effects
 
-    def _evaluate(
+    def _cancel(
         self,
         event: RecordedEvent,
         state: UserState,
-        campaigns: Sequence[LiveCampaign],
-        memberships: dict[tuple[str, str, str], Membership],
+        campaign_ids: Iterable[str],
+        members: dict[MemberKey, CampaignMember],
         effects: _Effects,
     ) -> None:
+        """Cancel the pending instances this event is an exception for, at once."""
+        for campaign_id in sorted(campaign_ids):
+            member = members.get((event.workspace_id, event.user_id, campaign_id))
+            if member is None or not member.pending:
+                continue
+            for correlation, (instance, pending) in sorted(member.pending.items()):
+                campaign = self._cache.compiled(event.workspace_id, campaign_id, instance.version)
+                if campaign is None:
+                    continue
+                decision = decide_exception(campaign, event, pending, state, event.received_at)
+                if decision is None:
+                    continue
+                effects.decisions.append(_decision_row(decision))
+                if decision.kind is DecisionKind.CANCELLED:
+                    self._cancel_instance(instance.instance_id, effects)
+                    del member.pending[correlation]
+
+    def _cancel_instance(self, instance_id: str, effects: _Effects) -> None:
+        effects.cancelled_instances.append(instance_id)
+        effects.rearmed.pop(instance_id, None)
+        effects.timers[instance_id] = self._planner.cancel(instance_id)
+
+    def _evaluate(
+        self,
+        event: RecordedEvent,
+        before: UserState | None,
+        state: UserState,
+        campaigns: Sequence[LiveCampaign],
+        members: dict[MemberKey, CampaignMember],
+        effects: _Effects,
+    ) -> None:
+        if not campaigns:
+            return
         now = event.received_at
         context = EvaluationContext.for_campaigns(
             event, state, now, [live.compiled for live in campaigns]
@@ -379,69 +551,105 @@ class Projector:
         for live in campaigns:
             campaign = live.compiled
             campaign_id = campaign.definition.id
-            member_key = (event.workspace_id, event.user_id, campaign_id)
-            membership = memberships.get(member_key, Membership())
+            member = members.setdefault(
+                (event.workspace_id, event.user_id, campaign_id), CampaignMember()
+            )
             for decision in decide_on_event(
                 campaign,
                 event,
                 state,
-                membership,
+                member.membership(),
                 now,
                 context=context,
                 paused=live.status == "paused",
+                state_before=before,
             ):
                 effects.decisions.append(_decision_row(decision))
-                if decision.kind is not DecisionKind.TRIGGERED:
-                    continue
-                assert decision.instance_id is not None
-                assert decision.due_at is not None
-                instance_id = str(decision.instance_id)
-                instance = store.Instance(
-                    instance_id=instance_id,
-                    workspace_id=event.workspace_id,
-                    campaign_id=campaign_id,
-                    version=campaign.version,
-                    user_id=event.user_id,
-                    correlation=decision.correlation,
-                    trigger_event_id=event.event_id,
-                    trigger_event=_event_document(event),
-                    state="pending",
-                    due_at=decision.due_at,
-                )
-                if decision.delayed_until is None:
-                    membership = self._send_now(
-                        campaign, event, state, membership, instance, effects
-                    )
-                else:
-                    effects.instances.append(instance)
-                    effects.outbox.append(
-                        Planner.timer(instance_id, event.workspace_id, decision.due_at)
-                    )
-                    membership = replace(
-                        membership, pending=membership.pending | {decision.correlation}
-                    )
-                memberships[member_key] = membership
+                if decision.kind is DecisionKind.TRIGGERED:
+                    self._enter(campaign, decision, event, state, member, effects)
+                elif decision.kind is DecisionKind.REARMED:
+                    self._rearm(decision, event, member, effects)
+                elif decision.kind is DecisionKind.CANCELLED:
+                    assert decision.instance_id is not None
+                    self._cancel_instance(str(decision.instance_id), effects)
+                    member.pending.pop(decision.correlation, None)
+
+    def _enter(
+        self,
+        campaign: CompiledCampaign,
+        decision: Decision,
+        event: RecordedEvent,
+        state: UserState,
+        member: CampaignMember,
+        effects: _Effects,
+    ) -> None:
+        assert decision.instance_id is not None
+        assert decision.due_at is not None
+        instance = store.Instance(
+            instance_id=str(decision.instance_id),
+            workspace_id=event.workspace_id,
+            campaign_id=campaign.definition.id,
+            version=campaign.version,
+            user_id=event.user_id,
+            correlation=decision.correlation,
+            trigger_event_id=event.event_id,
+            trigger_event=_event_document(event),
+            state="pending",
+            due_at=decision.due_at,
+        )
+        if decision.delayed_until is None:
+            self._send_now(campaign, event, state, member, instance, effects)
+            return
+        effects.instances.append(instance)
+        effects.timers[instance.instance_id] = self._planner.arm(
+            instance.instance_id, event.workspace_id, decision.due_at
+        )
+        member.add_pending(instance, event)
+
+    def _rearm(
+        self,
+        decision: Decision,
+        event: RecordedEvent,
+        member: CampaignMember,
+        effects: _Effects,
+    ) -> None:
+        assert decision.instance_id is not None
+        assert decision.due_at is not None
+        instance, _ = member.pending[decision.correlation]
+        moved = replace(
+            instance,
+            due_at=decision.due_at,
+            trigger_event_id=event.event_id,
+            trigger_event=_event_document(event),
+        )
+        effects.rearmed[moved.instance_id] = store.Rearm(
+            moved.instance_id, moved.due_at, moved.trigger_event_id, moved.trigger_event
+        )
+        effects.timers[moved.instance_id] = self._planner.arm(
+            moved.instance_id, event.workspace_id, decision.due_at
+        )
+        member.add_pending(moved, event)
 
     def _send_now(
         self,
         campaign: CompiledCampaign,
         event: RecordedEvent,
         state: UserState,
-        membership: Membership,
+        member: CampaignMember,
         instance: store.Instance,
         effects: _Effects,
-    ) -> Membership:
+    ) -> None:
         now = event.received_at
         decision = decide_at_fire(
-            campaign, event, state, membership, now, instance=UUID(instance.instance_id)
+            campaign, event, state, member.membership(), now, instance=UUID(instance.instance_id)
         )
         effects.decisions.append(_decision_row(decision))
         if decision.kind is DecisionKind.SEND_PLANNED:
             effects.instances.append(replace(instance, state="sent"))
             effects.outbox.append(self._planner.send_request(campaign, decision, event, state, now))
-            return replace(membership, last_sent_at=now)
+            member.last_sent_at = now
+            return
         effects.instances.append(replace(instance, state="suppressed"))
-        return membership
 
 
 class TimerHandler:
@@ -517,7 +725,7 @@ class TimerHandler:
                 effects.outbox.append(
                     self._planner.send_request(campaign, decision, trigger, state, now)
                 )
-            elif decision.kind is not DecisionKind.PAUSED:
+            elif decision.kind not in (DecisionKind.PAUSED, DecisionKind.STILL_ACTIVE):
                 effects.suppressed_instances.append(instance.instance_id)
             await effects.write(conn)
         if effects.outbox and self._on_effects is not None:
@@ -525,18 +733,38 @@ class TimerHandler:
 
 
 class CampaignAdmin:
-    """Validates and stores campaign definitions."""
+    """Validates and stores campaign definitions; pauses and resumes campaigns.
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    Pausing stops new instances and sends; a paused campaign's pending instances stay pending
+    when their timers fire. Resuming re-arms the timers of those that came due meanwhile, so
+    they are re-checked (and sent) at once; the others keep their timers and due times.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        fire_margin: timedelta = DEFAULT_FIRE_MARGIN,
+        on_effects: asyncio.Event | None = None,
+    ) -> None:
         self._pool = pool
+        self._fire_margin = fire_margin
+        self._on_effects = on_effects
 
     async def apply(
         self, workspace_id: str, document: Mapping[str, Any]
     ) -> tuple[store.CampaignVersion, bool]:
-        """Store `document` as the next version of its campaign if it changed."""
+        """Store `document` as the next version of its campaign if it changed (its `status`
+        pauses or resumes the campaign without a new version)."""
         definition = validate_campaign(document)
         async with self._pool.acquire() as conn, conn.transaction():
-            return await store.save_campaign_version(
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1 || '/' || $2))",
+                workspace_id,
+                definition.id,
+            )
+            before = await store.current_campaign(conn, workspace_id, definition.id)
+            saved = await store.save_campaign_version(
                 conn,
                 workspace_id,
                 definition.id,
@@ -544,6 +772,60 @@ class CampaignAdmin:
                 definition.definition_hash(),
                 definition.status,
             )
+            rearmed = 0
+            if before is not None and before.status == "paused" and definition.status == "active":
+                rearmed = await self._rearm_overdue(conn, workspace_id, definition.id)
+        self._wake_outbox(rearmed)
+        return saved
+
+    async def set_status(
+        self, workspace_id: str, campaign_id: str, status: str
+    ) -> store.CampaignVersion:
+        """Pause (`paused`) or resume (`active`) a campaign; NotFoundError when unknown."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            found = await store.set_campaign_status(conn, workspace_id, campaign_id, status)
+            if found is None:
+                raise NotFoundError(f"no campaign {campaign_id!r}")
+            current, before = found
+            rearmed = 0
+            if before == "paused" and status == "active":
+                rearmed = await self._rearm_overdue(conn, workspace_id, campaign_id)
+        self._wake_outbox(rearmed)
+        return current
+
+    def _wake_outbox(self, items: int) -> None:
+        if items and self._on_effects is not None:
+            self._on_effects.set()
+
+    async def _rearm_overdue(self, conn: Conn, workspace_id: str, campaign_id: str) -> int:
+        """Re-arm the timers of pending instances that came due while the campaign was paused
+        (their timer fired and left them pending); return how many."""
+        now = await db_now(conn)
+        effects = _Effects()
+        overdue = await store.overdue_pending_instances(
+            conn, workspace_id, campaign_id, self._fire_margin
+        )
+        for instance in overdue:
+            effects.timers[instance.instance_id] = Planner.timer(
+                instance.instance_id, workspace_id, instance.due_at + self._fire_margin
+            )
+            effects.decisions.append(
+                store.DecisionRow(
+                    workspace_id=workspace_id,
+                    user_id=instance.user_id,
+                    campaign_id=campaign_id,
+                    version=instance.version,
+                    instance_id=instance.instance_id,
+                    event_id=instance.trigger_event_id,
+                    kind=str(DecisionKind.RESUMED),
+                    reason="campaign resumed; the instance came due while paused and is "
+                    "re-checked now",
+                    detail={"due_at": instance.due_at.isoformat()},
+                    decided_at=now,
+                )
+            )
+        await effects.write(conn)
+        return len(overdue)
 
 
 def validate_campaign(document: Mapping[str, Any]) -> CampaignDefinition:

@@ -312,7 +312,9 @@ class CompiledCampaign:
     `exception_matches[i]` / `branch_conditions[i]` line up with `definition.exceptions[i]` /
     `definition.messages[i]` (None where no expression is given). `referenced_event_names` is
     what the user view must hold for its expressions and templates (None: every name);
-    `sum_properties` the `sum[...]` names to zero-fill.
+    `sum_properties` the `sum[...]` names to zero-fill. `trigger_event_names` are the event
+    names whose projection can start an instance: the trigger's event, or for a threshold the
+    names that can change its condition (None: any event can).
     """
 
     definition: CampaignDefinition
@@ -324,6 +326,7 @@ class CompiledCampaign:
     branch_conditions: tuple[CompiledExpression | None, ...]
     referenced_event_names: frozenset[str] | None
     sum_properties: frozenset[str]
+    trigger_event_names: frozenset[str] | None = None
 
 
 def _predicate(
@@ -338,6 +341,36 @@ def _predicate(
     if compiled.return_type not in _PREDICATE_TYPES:
         raise CampaignError(path, f"must be a boolean expression, not {compiled.return_type}")
     return compiled
+
+
+_USER_FIELD = re.compile(r"(?<![\w.$])user\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
+_USER_ANY = re.compile(r"(?<![\w.$])user\b")
+_CONSTANT_USER_FIELDS: Final = frozenset({"id"})
+_TRAIT_FIELDS: Final = frozenset({"traits", "timezone"})
+
+
+def condition_event_names(condition: str) -> frozenset[str] | None:
+    """Event names whose projection can change the value of a condition on `user`.
+
+    `user.events['x']…` changes only with `x`; `user.traits` and `user.timezone` only with
+    `$identify`; `user.id` never. Anything else (`user.lifecycle`, `user.last_seen`, a
+    computed index) can change with any event: None.
+    """
+    if len(_USER_ANY.findall(condition)) != len(_USER_FIELD.findall(condition)):
+        return None  # `user` on its own or indexed: it may read any field
+    names: set[str] = set()
+    for match in _USER_FIELD.finditer(condition):
+        name = match.group(1)
+        if name == "events":
+            continue
+        if name in _TRAIT_FIELDS:
+            names.add("$identify")
+        elif name not in _CONSTANT_USER_FIELDS:
+            return None
+    events = referenced_event_names([condition])
+    if events is None:
+        return None
+    return frozenset(names | events)
 
 
 def compile_campaign(definition: CampaignDefinition, version: int = 0) -> CompiledCampaign:
@@ -377,4 +410,9 @@ def compile_campaign(definition: CampaignDefinition, version: int = 0) -> Compil
         branch_conditions=conditions,
         referenced_event_names=referenced_event_names(texts),
         sum_properties=referenced_sum_properties(texts),
+        trigger_event_names=(
+            condition_event_names(trigger.condition)
+            if isinstance(trigger, ThresholdTrigger)
+            else frozenset({trigger.event})
+        ),
     )

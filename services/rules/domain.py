@@ -1115,12 +1115,33 @@ class Membership:
 
     Not part of `UserState`: the state is a pure projection of events (replay == live), while
     membership follows from decisions. `pending` holds the correlation values of pending
-    instances (`""` for an uncorrelated campaign).
+    instances (`""` for an uncorrelated campaign); `pending_instances` the same instances by
+    correlation, with what re-arming (inactivity) and exceptions need.
     """
 
     last_entered_at: datetime | None = None
     last_sent_at: datetime | None = None
     pending: frozenset[str] = frozenset()
+    pending_instances: Mapping[str, PendingInstance] = field(default_factory=dict)
+
+    def pending_instance(self, correlation: str) -> PendingInstance | None:
+        """The pending instance for `correlation`, when the application supplied it."""
+        return self.pending_instances.get(correlation)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingInstance:
+    """A pending campaign instance as trigger and exception evaluation needs it.
+
+    `trigger` is the event the instance was armed (or, for an inactivity instance, last
+    re-armed) by; exception `match` expressions see it as `trigger`.
+    """
+
+    instance_id: uuid.UUID
+    version: int
+    correlation: str
+    trigger: RecordedEvent
+    due_at: datetime
 
 
 def is_reeligible(
@@ -1166,6 +1187,10 @@ class DecisionKind(StrEnum):
     NOT_REELIGIBLE = "not_reeligible"
     ALREADY_PENDING = "already_pending"
     PAUSED = "paused"
+    REARMED = "rearmed"
+    CANCELLED = "cancelled"
+    STILL_ACTIVE = "still_active"
+    RESUMED = "resumed"
     SEND_PLANNED = "send_planned"
     NO_MATCHING_MESSAGE = "no_matching_message"
     ERROR = "error"
@@ -1175,8 +1200,12 @@ class DecisionKind(StrEnum):
 class Decision:
     """One explainable decision.
 
-    `triggered`: `instance_id` and `due_at` are set (`delayed_until` too when the campaign has a
-    delay). `send_planned` (at fire time): `branch` (index into `messages`) and `send_id`.
+    `triggered`: `instance_id` and `due_at` are set (`delayed_until` too when the send waits).
+    `rearmed` (inactivity): the pending `instance_id` moves to the new `due_at`. `cancelled`: the
+    pending `instance_id` is cancelled by an exception event (`event_id`) or superseded by a new
+    version. `still_active` (inactivity, at fire time): the instance stays pending. `resumed`:
+    the pending `instance_id`'s timer is re-armed because its campaign was resumed.
+    `send_planned` (at fire time): `branch` (index into `messages`) and `send_id`.
     `error`: `error` holds the message and `detail` the failing expression's path and source.
     `detail` is what the decision record stores beyond kind and reason.
     """

@@ -3,12 +3,30 @@
 The CEL variables for one event are built once (`EvaluationContext`) and shared by every campaign
 evaluated for it: the event view, the user view (state *after* the event, at `now`), and one CEL
 activation. Numbers in event properties and traits are passed as CEL doubles (see
-`services.rules.cel`).
+`services.rules.cel`). `now` is the event's `received_at` during projection and the timer's fire
+time at send time, so every decision depends on stored data only (replay gives the same ones).
 
-Check order for an action trigger, cheapest first so that most non-entries cost no CEL at all:
-paused → correlation key present → one pending instance per (user, campaign, correlation) →
-re-eligibility → `trigger.where` → `audience` → triggered. Evaluation errors become `error`
-decisions carrying the expression's path and message; nothing raises for bad data.
+The four triggers, each evaluated against state that already includes the event:
+
+- action: the event named by the trigger, `where` true. Check order, cheapest first so that most
+  non-entries cost no CEL at all: paused → correlation key present → one pending instance per
+  (user, campaign, correlation) → re-eligibility → `trigger.where` → `audience` → triggered.
+- inactivity: every occurrence of the event arms the user's check at `received_at + for +
+  delay`; while an instance is pending it is re-armed (`rearmed`), so there is one pending
+  instance (and one timer, whose id is the instance id) per user and campaign. At fire time the
+  check is repeated on fresh state: the user must really have had no such event for `for`.
+- after_first: the first occurrence of the event ever (count 1 after folding) arms one instance
+  at `received_at + offset + delay`; later occurrences decide nothing.
+- threshold: an edge. The condition is evaluated on the state after the event and, only when
+  that is true, on the state before it (both at `now`); the campaign triggers when it went from
+  false to true. Events whose names cannot change the condition are skipped
+  (`CompiledCampaign.trigger_event_names`). A condition that becomes true only because time
+  passes (a window emptying) is noticed at the user's next relevant event, never by a clock.
+
+Evaluation errors become `error` decisions carrying the expression's path and message; nothing
+raises for bad data. A threshold records an error only when it starts failing (the state before
+the event evaluated without error), so a condition that fails for a user fails once, not on
+every event.
 """
 
 from __future__ import annotations
@@ -29,11 +47,15 @@ from services.rules.cel import (
 from services.rules.domain import (
     DEFAULT_LIFECYCLE,
     ActionTrigger,
+    AfterFirstTrigger,
     Decision,
     DecisionKind,
+    InactivityTrigger,
     LifecyclePolicy,
     Membership,
+    PendingInstance,
     RecordedEvent,
+    ThresholdTrigger,
     UserState,
     cel_view,
     correlation_value,
@@ -254,6 +276,10 @@ def _not_reeligible_reason(reeligibility: timedelta | None, last_sent_at: dateti
     )
 
 
+def _is_paused(campaign: CompiledCampaign, paused: bool | None) -> bool:
+    return paused if paused is not None else campaign.definition.status == "paused"
+
+
 def decide_on_event(
     campaign: CompiledCampaign,
     event: RecordedEvent,
@@ -263,20 +289,59 @@ def decide_on_event(
     *,
     context: EvaluationContext | None = None,
     paused: bool | None = None,
+    state_before: UserState | None = None,
 ) -> list[Decision]:
-    """Decisions of one campaign about one event (state already includes the event).
+    """Decisions of one campaign about one event (`state_after` already includes the event).
 
-    Handles action triggers (issue 2); other trigger kinds return no decision here. `paused`
-    overrides the definition's status (the live status is kept beside the version). Returns at
-    most one decision: `paused`, `error`, `already_pending`, `not_reeligible`, `filtered_out`,
-    `audience_excluded` or `triggered`.
+    `paused` overrides the definition's status (the live status is kept beside the version).
+    `state_before` is the user's state before the event (None for a new user); only threshold
+    triggers read it. Returns no decision when the event does not concern the trigger, else
+    one of `paused`, `error`, `already_pending`, `not_reeligible`, `filtered_out`,
+    `audience_excluded`, `rearmed` or `triggered` — preceded by a `cancelled` decision when an
+    inactivity re-arm supersedes a pending instance of an older version.
     """
+    trigger = campaign.definition.trigger
+    if isinstance(trigger, ActionTrigger):
+        if trigger.event != event.name:
+            return []
+        return _decide_action(campaign, event, state_after, membership, now, context, paused)
+    if isinstance(trigger, InactivityTrigger):
+        if trigger.event != event.name:
+            return []
+        return _decide_inactivity(campaign, trigger, event, state_after, membership, now, paused)
+    if isinstance(trigger, AfterFirstTrigger):
+        stats = state_after.events.get(trigger.event)
+        if trigger.event != event.name or stats is None or stats.count != 1:
+            return []
+        decider = _Decider(campaign, event, now)
+        return [
+            _enter(
+                decider,
+                campaign,
+                _context_for(campaign, event, state_after, now, context),
+                membership,
+                paused,
+                due_at=stats.first_at + trigger.offset + campaign.definition.delay,
+                why=f"first {event.name}; due {format_duration(trigger.offset)} later",
+            )
+        ]
+    return _decide_threshold(
+        campaign, trigger, event, state_before, state_after, membership, now, context, paused
+    )
+
+
+def _decide_action(
+    campaign: CompiledCampaign,
+    event: RecordedEvent,
+    state_after: UserState,
+    membership: Membership,
+    now: datetime,
+    context: EvaluationContext | None,
+    paused: bool | None,
+) -> list[Decision]:
     definition = campaign.definition
-    trigger = definition.trigger
-    if not isinstance(trigger, ActionTrigger) or trigger.event != event.name:
-        return []
     decider = _Decider(campaign, event, now)
-    if paused if paused is not None else definition.status == "paused":
+    if _is_paused(campaign, paused):
         return [decider.decide(DecisionKind.PAUSED, "campaign is paused")]
     correlation = ""
     if definition.correlation_key is not None:
@@ -292,45 +357,262 @@ def decide_on_event(
                 )
             ]
         correlation = value
+    data = _context_for(campaign, event, state_after, now, context)
+    return [
+        _enter(
+            decider,
+            campaign,
+            data,
+            membership,
+            False,
+            due_at=now + definition.delay,
+            correlation=correlation,
+            where=campaign.where,
+        )
+    ]
+
+
+def _enter(
+    decider: _Decider,
+    campaign: CompiledCampaign,
+    data: EvaluationContext,
+    membership: Membership,
+    paused: bool | None,
+    *,
+    due_at: datetime,
+    correlation: str = "",
+    where: CompiledExpression | None = None,
+    why: str = "",
+    eligible_at: datetime | None = None,
+) -> Decision:
+    """The checks every trigger shares once it fired: paused → one pending instance →
+    re-eligibility (at `eligible_at`, default now) → `where` → `audience` → triggered."""
+    definition = campaign.definition
+    if _is_paused(campaign, paused):
+        return decider.decide(DecisionKind.PAUSED, "campaign is paused")
     if correlation in membership.pending:
         reason = "an instance is already pending" + (
             f" for {definition.correlation_key} {correlation!r}" if correlation else ""
         )
-        return [decider.decide(DecisionKind.ALREADY_PENDING, reason, correlation=correlation)]
-    if not is_reeligible(definition.reeligibility, membership.last_sent_at, now):
+        return decider.decide(DecisionKind.ALREADY_PENDING, reason, correlation=correlation)
+    if not is_reeligible(
+        definition.reeligibility, membership.last_sent_at, eligible_at or decider.now
+    ):
         assert membership.last_sent_at is not None
         reason = _not_reeligible_reason(definition.reeligibility, membership.last_sent_at)
-        return [decider.decide(DecisionKind.NOT_REELIGIBLE, reason, correlation=correlation)]
-    data = _context_for(campaign, event, state_after, now, context)
-    passed = decider.check(campaign.where, "trigger.where", data)
+        return decider.decide(DecisionKind.NOT_REELIGIBLE, reason, correlation=correlation)
+    passed = decider.check(where, "trigger.where", data)
     if isinstance(passed, Decision):
-        return [passed]
+        return passed
     if not passed:
-        return [decider.decide(DecisionKind.FILTERED_OUT, "trigger.where is false")]
+        return decider.decide(DecisionKind.FILTERED_OUT, "trigger.where is false")
     passed = decider.check(campaign.audience, "audience", data)
     if isinstance(passed, Decision):
-        return [passed]
+        return passed
     if not passed:
-        return [decider.decide(DecisionKind.AUDIENCE_EXCLUDED, "audience is false")]
-    due_at = now + definition.delay
-    delayed = definition.delay > timedelta(0)
-    return [
-        decider.decide(
-            DecisionKind.TRIGGERED,
-            f"delayed until {due_at.isoformat()}" if delayed else "send now",
-            instance_id=instance_id(
-                event.workspace_id,
-                definition.id,
-                campaign.version,
-                event.user_id,
-                correlation,
-                event.event_id,
-            ),
-            correlation=correlation,
+        return decider.decide(DecisionKind.AUDIENCE_EXCLUDED, "audience is false")
+    event = decider.event
+    delayed = due_at > decider.now
+    when = f"delayed until {due_at.isoformat()}" if delayed else "send now"
+    return decider.decide(
+        DecisionKind.TRIGGERED,
+        f"{why}; {when}" if why else when,
+        instance_id=instance_id(
+            event.workspace_id,
+            definition.id,
+            campaign.version,
+            event.user_id,
+            correlation,
+            event.event_id,
+        ),
+        correlation=correlation,
+        due_at=due_at,
+        delayed_until=due_at if delayed else None,
+    )
+
+
+def _decide_inactivity(
+    campaign: CompiledCampaign,
+    trigger: InactivityTrigger,
+    event: RecordedEvent,
+    state_after: UserState,
+    membership: Membership,
+    now: datetime,
+    paused: bool | None,
+) -> list[Decision]:
+    definition = campaign.definition
+    decider = _Decider(campaign, event, now)
+    due_at = now + trigger.duration + definition.delay
+    quiet = f"no {trigger.event} for {format_duration(trigger.duration)}"
+    pending = membership.pending_instance("")
+    decisions: list[Decision] = []
+    if "" in membership.pending:
+        if pending is None:  # the caller did not say which instance: nothing to re-arm
+            return [decider.decide(DecisionKind.ALREADY_PENDING, "an instance is already pending")]
+        if pending.version == campaign.version or _is_paused(campaign, paused):
+            return [
+                decider.decide(
+                    DecisionKind.REARMED,
+                    f"re-armed by {event.name}: sends at {due_at.isoformat()} if {quiet}",
+                    instance_id=pending.instance_id,
+                    due_at=due_at,
+                    delayed_until=due_at,
+                    detail={"previous_due_at": pending.due_at.isoformat()},
+                )
+            ]
+        decisions.append(
+            Decision(
+                kind=DecisionKind.CANCELLED,
+                workspace_id=event.workspace_id,
+                campaign_id=definition.id,
+                version=pending.version,
+                user_id=event.user_id,
+                event_id=event.event_id,
+                decided_at=now,
+                reason=f"superseded by version {campaign.version} (re-armed by {event.name})",
+                instance_id=pending.instance_id,
+                detail={"superseded_by": campaign.version},
+            )
+        )
+        membership = Membership(
+            last_entered_at=membership.last_entered_at,
+            last_sent_at=membership.last_sent_at,
+            pending=membership.pending - {""},
+        )
+    data = EvaluationContext(
+        event,
+        state_after,
+        now,
+        referenced_event_names=campaign.referenced_event_names,
+        sum_properties=campaign.sum_properties,
+    )
+    decisions.append(
+        _enter(
+            decider,
+            campaign,
+            data,
+            membership,
+            paused,
             due_at=due_at,
-            delayed_until=due_at if delayed else None,
+            why=f"armed by {event.name}: sends if {quiet}",
+            eligible_at=due_at,
+        )
+    )
+    return decisions
+
+
+def _threshold_value(
+    campaign: CompiledCampaign, data: EvaluationContext, decider: _Decider
+) -> bool | Decision:
+    return decider.check(campaign.threshold, "trigger.threshold", data)
+
+
+def _decide_threshold(
+    campaign: CompiledCampaign,
+    trigger: ThresholdTrigger,
+    event: RecordedEvent,
+    state_before: UserState | None,
+    state_after: UserState,
+    membership: Membership,
+    now: datetime,
+    context: EvaluationContext | None,
+    paused: bool | None,
+) -> list[Decision]:
+    names = campaign.trigger_event_names
+    if names is not None and event.name not in names:
+        return []
+    decider = _Decider(campaign, event, now)
+    after = _threshold_value(
+        campaign, _context_for(campaign, event, state_after, now, context), decider
+    )
+    if after is False:
+        return []
+    before: bool | Decision = False
+    if state_before is not None:
+        before_data = EvaluationContext(
+            event,
+            state_before,
+            now,
+            referenced_event_names=campaign.referenced_event_names,
+            sum_properties=campaign.sum_properties,
+        )
+        before = _threshold_value(campaign, before_data, decider)
+    if isinstance(after, Decision):
+        return [] if isinstance(before, Decision) else [after]
+    if before is True:
+        return []  # already true before this event: a level, not an edge
+    data = _context_for(campaign, event, state_after, now, context)
+    return [
+        _enter(
+            decider,
+            campaign,
+            data,
+            membership,
+            paused,
+            due_at=now + campaign.definition.delay,
+            why="threshold crossed",
         )
     ]
+
+
+def decide_exception(
+    campaign: CompiledCampaign,
+    event: RecordedEvent,
+    pending: PendingInstance,
+    state_after: UserState,
+    now: datetime,
+) -> Decision | None:
+    """Whether `event` cancels the `pending` instance of `campaign` (the instance's version).
+
+    The first exception rule naming the event whose `match` is absent or true cancels it
+    (`cancelled`). Variables of `match`: `exception` (this event), `trigger` (the event that
+    armed the instance) and `user` (state after this event, at `now`). When no rule cancels and
+    a `match` failed to evaluate, the `error` decision is returned (the instance stays pending);
+    None when the event does not cancel the instance.
+    """
+    definition = campaign.definition
+    decider = _Decider(campaign, event, now, pending.instance_id)
+    failure: Decision | None = None
+    variables: dict[str, Any] | None = None
+    user: dict[str, Any] | None = None
+    for index, rule in enumerate(definition.exceptions):
+        if rule.event != event.name:
+            continue
+        match = campaign.exception_matches[index]
+        path = f"exceptions[{index}].match"
+        if match is not None:
+            if variables is None:
+                variables = {"exception": cel_event(event), "trigger": cel_event(pending.trigger)}
+            if "user" in match.references and user is None:
+                user = EvaluationContext(
+                    event,
+                    state_after,
+                    now,
+                    referenced_event_names=campaign.referenced_event_names,
+                    sum_properties=campaign.sum_properties,
+                ).user_data
+                variables["user"] = user
+            try:
+                matched = match.evaluate_bool(activation(variables))
+            except CelEvaluationError as error:
+                failure = failure or decider.decide(
+                    DecisionKind.ERROR,
+                    f"{path} failed: {error.message}",
+                    error=error.message,
+                    correlation=pending.correlation,
+                    detail={"path": path, "expression": error.source},
+                )
+                continue
+            if not matched:
+                continue
+        matched_by = f" ({path} is true)" if match is not None else ""
+        return decider.decide(
+            DecisionKind.CANCELLED,
+            f"cancelled by {event.name} {event.event_id!r}{matched_by}",
+            correlation=pending.correlation,
+            detail={"exception": event.name, "rule": index},
+        )
+    return failure
 
 
 def decide_at_fire(
@@ -347,15 +629,27 @@ def decide_at_fire(
 
     `instance` is the pending instance's id (copied into the decision). `membership` is the
     user's history with the campaign excluding this instance (its own pending
-    entry is not a conflict). Returns `paused` (keep the instance pending), `not_reeligible`,
-    `audience_excluded`, `no_matching_message`, `error`, or `send_planned` with the first
-    matching message branch and its deterministic `send_id`. Variables: `user` (fresh state at
-    `now`), and `event` / `trigger` (the triggering event).
+    entry is not a conflict). Returns `paused` (keep the instance pending), `still_active`
+    (inactivity: an event arrived within the span; keep it pending, a re-armed timer follows),
+    `not_reeligible`, `audience_excluded`, `no_matching_message`, `error`, or `send_planned`
+    with the first matching message branch and its deterministic `send_id`. Variables: `user`
+    (fresh state at `now`), and `event` / `trigger` (the triggering event).
     """
     definition = campaign.definition
     decider = _Decider(campaign, trigger_event, now, instance)
-    if paused if paused is not None else definition.status == "paused":
+    if _is_paused(campaign, paused):
         return decider.decide(DecisionKind.PAUSED, "campaign is paused; the instance waits")
+    trigger = definition.trigger
+    if isinstance(trigger, InactivityTrigger):
+        stats = state.events.get(trigger.event)
+        if stats is not None and stats.last_at + trigger.duration > now:
+            due_at = stats.last_at + trigger.duration + definition.delay
+            return decider.decide(
+                DecisionKind.STILL_ACTIVE,
+                f"re-checked: {trigger.event} at {stats.last_at.isoformat()}, not inactive for "
+                f"{format_duration(trigger.duration)}; waits until {due_at.isoformat()}",
+                due_at=due_at,
+            )
     if not is_reeligible(definition.reeligibility, membership.last_sent_at, now):
         assert membership.last_sent_at is not None
         reason = _not_reeligible_reason(definition.reeligibility, membership.last_sent_at)
@@ -374,7 +668,7 @@ def decide_at_fire(
             channel = definition.messages[index].message.channel
             return decider.decide(
                 DecisionKind.SEND_PLANNED,
-                f"message {index} ({channel})",
+                f"re-checked and sent: message {index} ({channel})",
                 branch=index,
                 send_id=send_id(
                     trigger_event.workspace_id,

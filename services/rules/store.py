@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from nudge.db import Conn, Queryable
@@ -76,6 +76,44 @@ async def current_campaigns(
         workspace_id,
     )
     return [_campaign(r) for r in rows]
+
+
+async def all_campaign_versions(conn: Queryable) -> list[CampaignVersion]:
+    """Every stored version of every campaign (with the campaign's current status)."""
+    rows = await conn.fetch(
+        f"""SELECT {_CAMPAIGN_COLUMNS} FROM campaigns c
+            JOIN campaign_versions v USING (workspace_id, campaign_id)
+            ORDER BY c.workspace_id, c.campaign_id, v.version"""
+    )
+    return [_campaign(r) for r in rows]
+
+
+async def set_campaign_status(
+    conn: Conn, workspace_id: str, campaign_id: str, status: str
+) -> tuple[CampaignVersion, str] | None:
+    """Set a campaign's live status; return the current version and the status it had before.
+
+    None when the campaign does not exist. Takes the campaign's advisory lock, like
+    `save_campaign_version`, so a status change and a new version never interleave.
+    """
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1 || '/' || $2))", workspace_id, campaign_id
+    )
+    current = await current_campaign(conn, workspace_id, campaign_id)
+    if current is None:
+        return None
+    if current.status != status:
+        await conn.execute(
+            "UPDATE campaigns SET status = $3, updated_at = nudge_now()"
+            " WHERE workspace_id = $1 AND campaign_id = $2",
+            workspace_id,
+            campaign_id,
+            status,
+        )
+        await conn.execute(f"NOTIFY {CAMPAIGNS_CHANNEL}")
+    saved = await current_campaign(conn, workspace_id, campaign_id)
+    assert saved is not None
+    return saved, current.status
 
 
 async def campaigns_generation(conn: Queryable) -> tuple[int, datetime | None]:
@@ -194,6 +232,11 @@ class Instance:
     due_at: datetime
 
 
+_INSTANCE_COLUMNS = """i.instance_id::text AS instance_id, i.workspace_id, i.campaign_id,
+                       i.version, i.user_id, i.correlation, i.trigger_event_id, i.trigger_event,
+                       i.state, i.due_at"""
+
+
 async def insert_instances(conn: Conn, instances: Sequence[Instance]) -> None:
     """Record new instances; an instance id seen before is left as it is (replay no-op)."""
     if not instances:
@@ -224,9 +267,8 @@ async def insert_instances(conn: Conn, instances: Sequence[Instance]) -> None:
 async def lock_instance(conn: Conn, instance_id: str) -> Instance | None:
     """Load an instance FOR UPDATE."""
     row = await conn.fetchrow(
-        """SELECT instance_id::text AS instance_id, workspace_id, campaign_id, version, user_id,
-                  correlation, trigger_event_id, trigger_event, state, due_at
-           FROM campaign_instances WHERE instance_id = $1::uuid FOR UPDATE""",
+        f"SELECT {_INSTANCE_COLUMNS} FROM campaign_instances i"
+        " WHERE i.instance_id = $1::uuid FOR UPDATE",
         instance_id,
     )
     return None if row is None else Instance(**dict(row))
@@ -240,6 +282,115 @@ async def set_instance_state(conn: Conn, instance_id: str, state: str) -> None:
         instance_id,
         state,
     )
+
+
+@dataclass(frozen=True)
+class MemberSummary:
+    """A user's history with one campaign, summed over its instances."""
+
+    workspace_id: str
+    user_id: str
+    campaign_id: str
+    last_entered_at: datetime | None
+    last_sent_at: datetime | None
+
+
+async def member_summaries(
+    conn: Queryable, keys: Iterable[tuple[str, str]], exclude_instance: str | None = None
+) -> list[MemberSummary]:
+    """Per (workspace, user, campaign): when the user last entered and last received it."""
+    pairs = list(keys)
+    rows = await conn.fetch(
+        """SELECT i.workspace_id, i.user_id, i.campaign_id,
+                  max(i.created_at) AS last_entered_at,
+                  max(i.due_at) FILTER (WHERE i.state = 'sent') AS last_sent_at
+           FROM unnest($1::text[], $2::text[]) AS k(w, u)
+           JOIN campaign_instances i ON i.workspace_id = k.w AND i.user_id = k.u
+           WHERE $3::uuid IS NULL OR i.instance_id <> $3::uuid
+           GROUP BY 1, 2, 3""",
+        [w for w, _ in pairs],
+        [u for _, u in pairs],
+        exclude_instance,
+    )
+    return [MemberSummary(**dict(r)) for r in rows]
+
+
+async def pending_instances(
+    conn: Queryable,
+    keys: Iterable[tuple[str, str]],
+    exclude_instance: str | None = None,
+    *,
+    lock: bool = False,
+) -> list[Instance]:
+    """The users' pending instances; with `lock`, locked FOR UPDATE (in instance id order).
+
+    The projector locks them for the batch so that a fired timer re-checking one of them
+    (`lock_instance`) and an exception cancelling it serialize: one of them sees the other's
+    outcome instead of both acting on 'pending'.
+    """
+    pairs = list(keys)
+    rows = await conn.fetch(
+        f"""SELECT {_INSTANCE_COLUMNS}
+            FROM unnest($1::text[], $2::text[]) AS k(w, u)
+            JOIN campaign_instances i ON i.workspace_id = k.w AND i.user_id = k.u
+            WHERE i.state = 'pending' AND ($3::uuid IS NULL OR i.instance_id <> $3::uuid)
+            ORDER BY i.instance_id
+            {"FOR UPDATE OF i" if lock else ""}""",
+        [w for w, _ in pairs],
+        [u for _, u in pairs],
+        exclude_instance,
+    )
+    return [Instance(**dict(r)) for r in rows]
+
+
+@dataclass(frozen=True)
+class Rearm:
+    """A pending instance moved to a new due time by a newer trigger event."""
+
+    instance_id: str
+    due_at: datetime
+    trigger_event_id: str
+    trigger_event: dict[str, Any]
+
+
+async def rearm_instances(conn: Conn, rearms: Sequence[Rearm]) -> None:
+    """Move pending instances to their new due time and trigger event."""
+    if not rearms:
+        return
+    await conn.executemany(
+        """UPDATE campaign_instances
+           SET due_at = $2, trigger_event_id = $3, trigger_event = $4, updated_at = nudge_now()
+           WHERE instance_id = $1::uuid AND state = 'pending'""",
+        [(r.instance_id, r.due_at, r.trigger_event_id, r.trigger_event) for r in rearms],
+    )
+
+
+async def cancel_instances(conn: Conn, instance_ids: Sequence[str]) -> None:
+    """Cancel pending instances (an instance already sent or suppressed is left as it is)."""
+    if not instance_ids:
+        return
+    await conn.execute(
+        """UPDATE campaign_instances SET state = 'cancelled', updated_at = nudge_now()
+           WHERE instance_id = ANY($1::uuid[]) AND state = 'pending'""",
+        list(instance_ids),
+    )
+
+
+async def overdue_pending_instances(
+    conn: Queryable, workspace_id: str, campaign_id: str, margin: timedelta
+) -> list[Instance]:
+    """Pending instances of a campaign (any version) whose timer is due by now: while the
+    campaign was paused their timer fired and they stayed pending."""
+    rows = await conn.fetch(
+        f"""SELECT {_INSTANCE_COLUMNS} FROM campaign_instances i
+            WHERE i.workspace_id = $1 AND i.campaign_id = $2 AND i.state = 'pending'
+              AND i.due_at + $3::interval <= (SELECT nudge_now())
+            ORDER BY i.due_at, i.instance_id""",
+        workspace_id,
+        campaign_id,
+        margin,
+    )
+    return [Instance(**dict(r)) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -366,3 +517,56 @@ async def decisions_for(
 def canonical_json(value: Any) -> str:
     """Stable JSON used for hashing definitions."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------------------------
+# explaining decisions, and checking the projection against a replay
+
+
+@dataclass(frozen=True)
+class OutcomeEvent:
+    """A delivery outcome appended by dispatch (`message.sent`, `.failed`, `.suppressed`)."""
+
+    event_id: str
+    name: str
+    received_at: datetime
+    properties: dict[str, Any]
+
+
+async def outcome_events(
+    conn: Queryable, workspace_id: str, user_id: str, send_ids: Sequence[str]
+) -> list[OutcomeEvent]:
+    """The outcome events dispatch appended for these sends, in store order."""
+    if not send_ids:
+        return []
+    rows = await conn.fetch(
+        """SELECT event_id, name, received_at, properties FROM events
+           WHERE workspace_id = $1 AND user_id = $2 AND name LIKE 'message.%'
+             AND properties->>'send_id' = ANY($3::text[])
+           ORDER BY global_position""",
+        workspace_id,
+        user_id,
+        list(send_ids),
+    )
+    return [OutcomeEvent(**dict(r)) for r in rows]
+
+
+async def live_states(conn: Queryable, workspace_id: str) -> dict[str, tuple[dict[str, Any], int]]:
+    """Every projected state of a workspace with its last applied position, by user id."""
+    rows = await conn.fetch(
+        "SELECT user_id, state, last_position FROM user_states WHERE workspace_id = $1",
+        workspace_id,
+    )
+    return {r["user_id"]: (r["state"], r["last_position"]) for r in rows}
+
+
+REPLAY_EVENTS_SQL = """
+SELECT global_position, workspace_id, event_id, user_id, name, occurred_at, received_at,
+       properties
+FROM events
+WHERE workspace_id = $1 AND (tx_id, global_position) <= ($2::text::xid8, $3)
+ORDER BY user_id, tx_id, global_position
+"""
+"""A workspace's events up to a projection checkpoint, each user's in commit order (the order
+the projector applied them), one user after another so that a replay holds one state at a
+time."""
