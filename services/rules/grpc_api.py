@@ -11,7 +11,7 @@ from nudge.auth import KeyVerifier
 from nudge.grpcserver import InvalidArgumentError, NotFoundError, bearer, maps_errors
 from nudge.protoconv import dict_to_struct, struct_to_dict, to_timestamp
 from nudge.rules.v1 import rules_pb2, rules_pb2_grpc
-from services.rules import store
+from services.rules import explain, replay, store
 from services.rules.application import CampaignAdmin, UserViews
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -28,7 +28,8 @@ def _campaign(version: store.CampaignVersion) -> rules_pb2.Campaign:
 
 
 class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
-    """ApplyCampaign, GetCampaign, ListCampaigns, GetUser."""
+    """ApplyCampaign, GetCampaign, ListCampaigns, GetUser, PauseCampaign, ResumeCampaign,
+    ExplainDecisions, VerifyProjection."""
 
     def __init__(
         self, pool: asyncpg.Pool, verifier: KeyVerifier, admin: CampaignAdmin, users: UserViews
@@ -86,3 +87,75 @@ class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
         if view is None:
             raise NotFoundError(f"no events projected for user {request.user_id!r}")
         return rules_pb2.GetUserResponse(state=dict_to_struct(view))
+
+    @maps_errors
+    async def PauseCampaign(
+        self, request: rules_pb2.PauseCampaignRequest, context: Context
+    ) -> rules_pb2.PauseCampaignResponse:
+        """Stop new instances and sends; pending instances wait."""
+        workspace_id = await self._workspace(context)
+        if not request.campaign_id:
+            raise InvalidArgumentError("is required", "campaign_id")
+        version = await self._admin.set_status(workspace_id, request.campaign_id, "paused")
+        return rules_pb2.PauseCampaignResponse(campaign=_campaign(version))
+
+    @maps_errors
+    async def ResumeCampaign(
+        self, request: rules_pb2.ResumeCampaignRequest, context: Context
+    ) -> rules_pb2.ResumeCampaignResponse:
+        """Resume; instances that came due while paused are re-checked at once."""
+        workspace_id = await self._workspace(context)
+        if not request.campaign_id:
+            raise InvalidArgumentError("is required", "campaign_id")
+        version = await self._admin.set_status(workspace_id, request.campaign_id, "active")
+        return rules_pb2.ResumeCampaignResponse(campaign=_campaign(version))
+
+    @maps_errors
+    async def ExplainDecisions(
+        self, request: rules_pb2.ExplainDecisionsRequest, context: Context
+    ) -> rules_pb2.ExplainDecisionsResponse:
+        """Every decision for a user and campaign, with dispatch's outcomes."""
+        workspace_id = await self._workspace(context)
+        if not request.user_id:
+            raise InvalidArgumentError("is required", "user_id")
+        if not request.campaign_id:
+            raise InvalidArgumentError("is required", "campaign_id")
+        lines = await explain.explain(
+            self._pool, workspace_id, request.user_id, request.campaign_id
+        )
+        return rules_pb2.ExplainDecisionsResponse(
+            decisions=[
+                rules_pb2.DecisionRecord(
+                    decided_at=to_timestamp(line.decided_at),
+                    source=line.source,
+                    kind=line.kind,
+                    reason=line.reason,
+                    summary=line.summary,
+                    version=line.version,
+                    instance_id=line.instance_id or "",
+                    event_id=line.event_id or "",
+                    send_id=line.send_id or "",
+                    detail=dict_to_struct(line.detail),
+                )
+                for line in lines
+            ]
+        )
+
+    @maps_errors
+    async def VerifyProjection(
+        self, request: rules_pb2.VerifyProjectionRequest, context: Context
+    ) -> rules_pb2.VerifyProjectionResponse:
+        """Replay the workspace's events and compare with the live user states (C4)."""
+        workspace_id = await self._workspace(context)
+        report = await replay.verify_projection(self._pool, workspace_id)
+        return rules_pb2.VerifyProjectionResponse(
+            match=report.match,
+            users=report.users,
+            events=report.events,
+            checkpoint=f"{report.checkpoint.tx_id}/{report.checkpoint.position}",
+            mismatch_count=report.mismatch_count,
+            mismatches=[
+                rules_pb2.UserMismatch(user_id=m.user_id, problem=m.problem, fields=m.fields)
+                for m in report.mismatches
+            ],
+        )

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from nudge.cli import admin, api, dispatch_cmds, health, up
+from nudge.cli import admin, api, dispatch_cmds, health, rules_cmds, up
 from nudge.cli.common import CliError
 
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.register(commands)
     admin.register(commands)
     api.register(commands)
+    rules_cmds.register(commands)
     dispatch_cmds.register(commands)
     health.register(commands)
     return parser

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anudge/rules/v1/rules.proto\x12\x0enudge.rules.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x01\n\x08\x43\x61mpaign\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12+\n\ndefinition\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06status\x18\x05 \x01(\t\"C\n\x14\x41pplyCampaignRequest\x12+\n\ndefinition\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"T\n\x15\x41pplyCampaignResponse\x12*\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x18.nudge.rules.v1.Campaign\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\")\n\x12GetCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\"A\n\x13GetCampaignResponse\x12*\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x18.nudge.rules.v1.Campaign\"\x16\n\x14ListCampaignsRequest\"D\n\x15ListCampaignsResponse\x12+\n\tcampaigns\x18\x01 \x03(\x0b\x32\x18.nudge.rules.v1.Campaign\"!\n\x0eGetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"9\n\x0fGetUserResponse\x12&\n\x05state\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct2\xee\x02\n\x0cRulesService\x12\\\n\rApplyCampaign\x12$.nudge.rules.v1.ApplyCampaignRequest\x1a%.nudge.rules.v1.ApplyCampaignResponse\x12V\n\x0bGetCampaign\x12\".nudge.rules.v1.GetCampaignRequest\x1a#.nudge.rules.v1.GetCampaignResponse\x12\\\n\rListCampaigns\x12$.nudge.rules.v1.ListCampaignsRequest\x1a%.nudge.rules.v1.ListCampaignsResponse\x12J\n\x07GetUser\x12\x1e.nudge.rules.v1.GetUserRequest\x1a\x1f.nudge.rules.v1.GetUserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anudge/rules/v1/rules.proto\x12\x0enudge.rules.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x01\n\x08\x43\x61mpaign\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12+\n\ndefinition\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06status\x18\x05 \x01(\t\"C\n\x14\x41pplyCampaignRequest\x12+\n\ndefinition\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"T\n\x15\x41pplyCampaignResponse\x12*\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x18.nudge.rules.v1.Campaign\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\")\n\x12GetCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\"A\n\x13GetCampaignResponse\x12*\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x18.nudge.rules.v1.Campaign\"\x16\n\x14ListCampaignsRequest\"D\n\x15ListCampaignsResponse\x12+\n\tcampaigns\x18\x01 \x03(\x0b\x32\x18.nudge.rules.v1.Campaign\"!\n\x0eGetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"9\n\x0fGetUserResponse\x12&\n\x05state\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"+\n\x14PauseCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\"C\n\x15PauseCampaignResponse\x12*\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x18.nudge.rules.v1.Campaign\",\n\x15ResumeCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\"D\n\x16ResumeCampaignResponse\x12*\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x18.nudge.rules.v1.Campaign\"?\n\x17\x45xplainDecisionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\"\xf1\x01\n\x0e\x44\x65\x63isionRecord\x12.\n\ndecided_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07summary\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\x05\x12\x13\n\x0binstance_id\x18\x07 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x08 \x01(\t\x12\x0f\n\x07send_id\x18\t \x01(\t\x12\'\n\x06\x64\x65tail\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\"M\n\x18\x45xplainDecisionsResponse\x12\x31\n\tdecisions\x18\x01 \x03(\x0b\x32\x1e.nudge.rules.v1.DecisionRecord\"\x19\n\x17VerifyProjectionRequest\"@\n\x0cUserMismatch\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07problem\x18\x02 \x01(\t\x12\x0e\n\x06\x66ields\x18\x03 \x03(\t\"\xa6\x01\n\x18VerifyProjectionResponse\x12\r\n\x05match\x18\x01 \x01(\x08\x12\r\n\x05users\x18\x02 \x01(\x03\x12\x0e\n\x06\x65vents\x18\x03 \x01(\x03\x12\x12\n\ncheckpoint\x18\x04 \x01(\t\x12\x16\n\x0emismatch_count\x18\x05 \x01(\x03\x12\x30\n\nmismatches\x18\x06 \x03(\x0b\x32\x1c.nudge.rules.v1.UserMismatch2\xfb\x05\n\x0cRulesService\x12\\\n\rApplyCampaign\x12$.nudge.rules.v1.ApplyCampaignRequest\x1a%.nudge.rules.v1.ApplyCampaignResponse\x12V\n\x0bGetCampaign\x12\".nudge.rules.v1.GetCampaignRequest\x1a#.nudge.rules.v1.GetCampaignResponse\x12\\\n\rListCampaigns\x12$.nudge.rules.v1.ListCampaignsRequest\x1a%.nudge.rules.v1.ListCampaignsResponse\x12J\n\x07GetUser\x12\x1e.nudge.rules.v1.GetUserRequest\x1a\x1f.nudge.rules.v1.GetUserResponse\x12\\\n\rPauseCampaign\x12$.nudge.rules.v1.PauseCampaignRequest\x1a%.nudge.rules.v1.PauseCampaignResponse\x12_\n\x0eResumeCampaign\x12%.nudge.rules.v1.ResumeCampaignRequest\x1a&.nudge.rules.v1.ResumeCampaignResponse\x12\x65\n\x10\x45xplainDecisions\x12\'.nudge.rules.v1.ExplainDecisionsRequest\x1a(.nudge.rules.v1.ExplainDecisionsResponse\x12\x65\n\x10VerifyProjection\x12\'.nudge.rules.v1.VerifyProjectionRequest\x1a(.nudge.rules.v1.VerifyProjectionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,6 +51,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETUSERREQUEST']._serialized_end=661
   _globals['_GETUSERRESPONSE']._serialized_start=663
   _globals['_GETUSERRESPONSE']._serialized_end=720
-  _globals['_RULESSERVICE']._serialized_start=723
-  _globals['_RULESSERVICE']._serialized_end=1089
+  _globals['_PAUSECAMPAIGNREQUEST']._serialized_start=722
+  _globals['_PAUSECAMPAIGNREQUEST']._serialized_end=765
+  _globals['_PAUSECAMPAIGNRESPONSE']._serialized_start=767
+  _globals['_PAUSECAMPAIGNRESPONSE']._serialized_end=834
+  _globals['_RESUMECAMPAIGNREQUEST']._serialized_start=836
+  _globals['_RESUMECAMPAIGNREQUEST']._serialized_end=880
+  _globals['_RESUMECAMPAIGNRESPONSE']._serialized_start=882
+  _globals['_RESUMECAMPAIGNRESPONSE']._serialized_end=950
+  _globals['_EXPLAINDECISIONSREQUEST']._serialized_start=952
+  _globals['_EXPLAINDECISIONSREQUEST']._serialized_end=1015
+  _globals['_DECISIONRECORD']._serialized_start=1018
+  _globals['_DECISIONRECORD']._serialized_end=1259
+  _globals['_EXPLAINDECISIONSRESPONSE']._serialized_start=1261
+  _globals['_EXPLAINDECISIONSRESPONSE']._serialized_end=1338
+  _globals['_VERIFYPROJECTIONREQUEST']._serialized_start=1340
+  _globals['_VERIFYPROJECTIONREQUEST']._serialized_end=1365
+  _globals['_USERMISMATCH']._serialized_start=1367
+  _globals['_USERMISMATCH']._serialized_end=1431
+  _globals['_VERIFYPROJECTIONRESPONSE']._serialized_start=1434
+  _globals['_VERIFYPROJECTIONRESPONSE']._serialized_end=1600
+  _globals['_RULESSERVICE']._serialized_start=1603
+  _globals['_RULESSERVICE']._serialized_end=2366
 # @@protoc_insertion_point(module_scope)

@@ -246,3 +246,308 @@ class GetUserResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetUserResponse: _TypeAlias = GetUserResponse  # noqa: Y015
+
+@_typing.final
+class PauseCampaignRequest(_message.Message):
+    """PauseCampaignRequest names the campaign to pause."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """The campaign id."""
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseCampaignRequest: _TypeAlias = PauseCampaignRequest  # noqa: Y015
+
+@_typing.final
+class PauseCampaignResponse(_message.Message):
+    """PauseCampaignResponse is the campaign after the call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The current version, with status `paused`."""
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseCampaignResponse: _TypeAlias = PauseCampaignResponse  # noqa: Y015
+
+@_typing.final
+class ResumeCampaignRequest(_message.Message):
+    """ResumeCampaignRequest names the campaign to resume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """The campaign id."""
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeCampaignRequest: _TypeAlias = ResumeCampaignRequest  # noqa: Y015
+
+@_typing.final
+class ResumeCampaignResponse(_message.Message):
+    """ResumeCampaignResponse is the campaign after the call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The current version, with status `active`."""
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeCampaignResponse: _TypeAlias = ResumeCampaignResponse  # noqa: Y015
+
+@_typing.final
+class ExplainDecisionsRequest(_message.Message):
+    """ExplainDecisionsRequest names a user and a campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user id."""
+    campaign_id: _builtins.str
+    """The campaign id."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        campaign_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainDecisionsRequest: _TypeAlias = ExplainDecisionsRequest  # noqa: Y015
+
+@_typing.final
+class DecisionRecord(_message.Message):
+    """DecisionRecord is one decision of the rules engine, or one outcome reported by dispatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECIDED_AT_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    SEND_ID_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """`rules` (a decision) or `dispatch` (a delivery outcome)."""
+    kind: _builtins.str
+    """For rules: triggered, filtered_out, audience_excluded, not_reeligible, already_pending,
+    paused, rearmed, cancelled, still_active, resumed, send_planned, no_matching_message,
+    error. For dispatch: the outcome event's name (message.sent, message.failed,
+    message.suppressed).
+    """
+    reason: _builtins.str
+    """The recorded reason, as the engine wrote it."""
+    summary: _builtins.str
+    """One sentence for people ("cancelled by purchase 'p-1'", "suppressed downstream: ...")."""
+    version: _builtins.int
+    """The campaign version the decision is about."""
+    instance_id: _builtins.str
+    """The campaign instance, when the decision concerns one."""
+    event_id: _builtins.str
+    """The event that caused the decision (trigger, exception, or the instance's trigger)."""
+    send_id: _builtins.str
+    """The send, for send_planned and dispatch outcomes."""
+    @_builtins.property
+    def decided_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was decided: the triggering event's received_at, the timer's fire time, or when
+        dispatch recorded the outcome (database clock).
+        """
+
+    @_builtins.property
+    def detail(self) -> _struct_pb2.Struct:
+        """Everything else that was recorded (due_at, expression paths, errors...)."""
+
+    def __init__(
+        self,
+        *,
+        decided_at: _timestamp_pb2.Timestamp | None = ...,
+        source: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        summary: _builtins.str = ...,
+        version: _builtins.int = ...,
+        instance_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        send_id: _builtins.str = ...,
+        detail: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "detail", b"detail"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "detail", b"detail", "event_id", b"event_id", "instance_id", b"instance_id", "kind", b"kind", "reason", b"reason", "send_id", b"send_id", "source", b"source", "summary", b"summary", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecisionRecord: _TypeAlias = DecisionRecord  # noqa: Y015
+
+@_typing.final
+class ExplainDecisionsResponse(_message.Message):
+    """ExplainDecisionsResponse is the history of one user with one campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___DecisionRecord]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        decisions: _abc.Iterable[Global___DecisionRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainDecisionsResponse: _TypeAlias = ExplainDecisionsResponse  # noqa: Y015
+
+@_typing.final
+class VerifyProjectionRequest(_message.Message):
+    """VerifyProjectionRequest has no parameters: the API key decides the workspace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyProjectionRequest: _TypeAlias = VerifyProjectionRequest  # noqa: Y015
+
+@_typing.final
+class UserMismatch(_message.Message):
+    """UserMismatch is one user whose replayed state differs from the live one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user id."""
+    problem: _builtins.str
+    """What differs: `state` (the fields listed), `position` (last applied event), `missing`
+    (replay has the user, live has not) or `unexpected` (live has the user, replay has not).
+    """
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Top-level state fields that differ (for `state`)."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        problem: _builtins.str = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "problem", b"problem", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserMismatch: _TypeAlias = UserMismatch  # noqa: Y015
+
+@_typing.final
+class VerifyProjectionResponse(_message.Message):
+    """VerifyProjectionResponse reports whether replay equals live."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MATCH_FIELD_NUMBER: _builtins.int
+    USERS_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    MISMATCH_COUNT_FIELD_NUMBER: _builtins.int
+    MISMATCHES_FIELD_NUMBER: _builtins.int
+    match: _builtins.bool
+    """True when every user's replayed state and last position equal the live ones."""
+    users: _builtins.int
+    """Users compared (the union of live and replayed users)."""
+    events: _builtins.int
+    """Events replayed."""
+    checkpoint: _builtins.str
+    """The live checkpoint the replay stopped at, as `<tx_id>/<global_position>`."""
+    mismatch_count: _builtins.int
+    """Number of users that differ."""
+    @_builtins.property
+    def mismatches(self) -> _containers.RepeatedCompositeFieldContainer[Global___UserMismatch]:
+        """The first differing users (at most 100)."""
+
+    def __init__(
+        self,
+        *,
+        match: _builtins.bool = ...,
+        users: _builtins.int = ...,
+        events: _builtins.int = ...,
+        checkpoint: _builtins.str = ...,
+        mismatch_count: _builtins.int = ...,
+        mismatches: _abc.Iterable[Global___UserMismatch] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "events", b"events", "match", b"match", "mismatch_count", b"mismatch_count", "mismatches", b"mismatches", "users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyProjectionResponse: _TypeAlias = VerifyProjectionResponse  # noqa: Y015

@@ -59,6 +59,26 @@ class RulesServiceStub:
                 request_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.GetUserRequest.SerializeToString,
                 response_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.GetUserResponse.FromString,
                 _registered_method=True)
+        self.PauseCampaign = channel.unary_unary(
+                '/nudge.rules.v1.RulesService/PauseCampaign',
+                request_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.PauseCampaignRequest.SerializeToString,
+                response_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.PauseCampaignResponse.FromString,
+                _registered_method=True)
+        self.ResumeCampaign = channel.unary_unary(
+                '/nudge.rules.v1.RulesService/ResumeCampaign',
+                request_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.ResumeCampaignRequest.SerializeToString,
+                response_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.ResumeCampaignResponse.FromString,
+                _registered_method=True)
+        self.ExplainDecisions = channel.unary_unary(
+                '/nudge.rules.v1.RulesService/ExplainDecisions',
+                request_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.ExplainDecisionsRequest.SerializeToString,
+                response_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.ExplainDecisionsResponse.FromString,
+                _registered_method=True)
+        self.VerifyProjection = channel.unary_unary(
+                '/nudge.rules.v1.RulesService/VerifyProjection',
+                request_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.VerifyProjectionRequest.SerializeToString,
+                response_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.VerifyProjectionResponse.FromString,
+                _registered_method=True)
 
 
 class RulesServiceServicer:
@@ -102,6 +122,48 @@ class RulesServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseCampaign(self, request, context):
+        """PauseCampaign pauses a campaign without creating a version: no new instance starts and
+        nothing is sent; pending instances stay pending when their timers fire. Pausing a paused
+        campaign is a no-op. Applying the campaign's YAML with `status: paused` does the same.
+        Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeCampaign(self, request, context):
+        """ResumeCampaign resumes a paused campaign. Pending instances that came due while it was
+        paused are re-checked at once (and sent if they still qualify); the others keep their due
+        times. Resuming an active campaign is a no-op. Applying the YAML with `status: active`
+        (the default) does the same.
+        Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainDecisions(self, request, context):
+        """ExplainDecisions lists every decision recorded for one user and campaign, oldest first:
+        triggered (and until when it is delayed), filtered out, excluded by the audience, not
+        re-eligible, re-armed, cancelled by an exception event, re-checked and sent, and the
+        outcome dispatch reported for each planned send (sent, failed, suppressed downstream).
+        Errors: INVALID_ARGUMENT (empty user_id or campaign_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyProjection(self, request, context):
+        """VerifyProjection rebuilds the workspace's user states from the beginning of the event
+        store, in memory, with the projection's own fold, up to the live projection's checkpoint
+        (one consistent snapshot), and compares them with the live states (checker C4).
+        Read-only; its cost grows with the workspace's events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RulesServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +186,26 @@ def add_RulesServiceServicer_to_server(servicer, server):
                     servicer.GetUser,
                     request_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.GetUserRequest.FromString,
                     response_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.GetUserResponse.SerializeToString,
+            ),
+            'PauseCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseCampaign,
+                    request_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.PauseCampaignRequest.FromString,
+                    response_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.PauseCampaignResponse.SerializeToString,
+            ),
+            'ResumeCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeCampaign,
+                    request_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.ResumeCampaignRequest.FromString,
+                    response_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.ResumeCampaignResponse.SerializeToString,
+            ),
+            'ExplainDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainDecisions,
+                    request_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.ExplainDecisionsRequest.FromString,
+                    response_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.ExplainDecisionsResponse.SerializeToString,
+            ),
+            'VerifyProjection': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyProjection,
+                    request_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.VerifyProjectionRequest.FromString,
+                    response_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.VerifyProjectionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -239,6 +321,114 @@ class RulesService:
             '/nudge.rules.v1.RulesService/GetUser',
             nudge_dot_rules_dot_v1_dot_rules__pb2.GetUserRequest.SerializeToString,
             nudge_dot_rules_dot_v1_dot_rules__pb2.GetUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nudge.rules.v1.RulesService/PauseCampaign',
+            nudge_dot_rules_dot_v1_dot_rules__pb2.PauseCampaignRequest.SerializeToString,
+            nudge_dot_rules_dot_v1_dot_rules__pb2.PauseCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nudge.rules.v1.RulesService/ResumeCampaign',
+            nudge_dot_rules_dot_v1_dot_rules__pb2.ResumeCampaignRequest.SerializeToString,
+            nudge_dot_rules_dot_v1_dot_rules__pb2.ResumeCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nudge.rules.v1.RulesService/ExplainDecisions',
+            nudge_dot_rules_dot_v1_dot_rules__pb2.ExplainDecisionsRequest.SerializeToString,
+            nudge_dot_rules_dot_v1_dot_rules__pb2.ExplainDecisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyProjection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nudge.rules.v1.RulesService/VerifyProjection',
+            nudge_dot_rules_dot_v1_dot_rules__pb2.VerifyProjectionRequest.SerializeToString,
+            nudge_dot_rules_dot_v1_dot_rules__pb2.VerifyProjectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,32 @@ class RulesServiceStub:
     """GetUser returns a user's projected engagement state as JSON-like data.
     Errors: NOT_FOUND when no event of that user has been projected.
     """
+    PauseCampaign: _grpc.UnaryUnaryMultiCallable[_rules_pb2.PauseCampaignRequest, _rules_pb2.PauseCampaignResponse]
+    """PauseCampaign pauses a campaign without creating a version: no new instance starts and
+    nothing is sent; pending instances stay pending when their timers fire. Pausing a paused
+    campaign is a no-op. Applying the campaign's YAML with `status: paused` does the same.
+    Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
+    """
+    ResumeCampaign: _grpc.UnaryUnaryMultiCallable[_rules_pb2.ResumeCampaignRequest, _rules_pb2.ResumeCampaignResponse]
+    """ResumeCampaign resumes a paused campaign. Pending instances that came due while it was
+    paused are re-checked at once (and sent if they still qualify); the others keep their due
+    times. Resuming an active campaign is a no-op. Applying the YAML with `status: active`
+    (the default) does the same.
+    Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
+    """
+    ExplainDecisions: _grpc.UnaryUnaryMultiCallable[_rules_pb2.ExplainDecisionsRequest, _rules_pb2.ExplainDecisionsResponse]
+    """ExplainDecisions lists every decision recorded for one user and campaign, oldest first:
+    triggered (and until when it is delayed), filtered out, excluded by the audience, not
+    re-eligible, re-armed, cancelled by an exception event, re-checked and sent, and the
+    outcome dispatch reported for each planned send (sent, failed, suppressed downstream).
+    Errors: INVALID_ARGUMENT (empty user_id or campaign_id).
+    """
+    VerifyProjection: _grpc.UnaryUnaryMultiCallable[_rules_pb2.VerifyProjectionRequest, _rules_pb2.VerifyProjectionResponse]
+    """VerifyProjection rebuilds the workspace's user states from the beginning of the event
+    store, in memory, with the projection's own fold, up to the live projection's checkpoint
+    (one consistent snapshot), and compares them with the live states (checker C4).
+    Read-only; its cost grows with the workspace's events.
+    """
 
 @_typing.type_check_only
 class RulesServiceAsyncStub(RulesServiceStub):
@@ -78,6 +104,32 @@ class RulesServiceAsyncStub(RulesServiceStub):
     GetUser: _aio.UnaryUnaryMultiCallable[_rules_pb2.GetUserRequest, _rules_pb2.GetUserResponse]  # type: ignore[assignment]
     """GetUser returns a user's projected engagement state as JSON-like data.
     Errors: NOT_FOUND when no event of that user has been projected.
+    """
+    PauseCampaign: _aio.UnaryUnaryMultiCallable[_rules_pb2.PauseCampaignRequest, _rules_pb2.PauseCampaignResponse]  # type: ignore[assignment]
+    """PauseCampaign pauses a campaign without creating a version: no new instance starts and
+    nothing is sent; pending instances stay pending when their timers fire. Pausing a paused
+    campaign is a no-op. Applying the campaign's YAML with `status: paused` does the same.
+    Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
+    """
+    ResumeCampaign: _aio.UnaryUnaryMultiCallable[_rules_pb2.ResumeCampaignRequest, _rules_pb2.ResumeCampaignResponse]  # type: ignore[assignment]
+    """ResumeCampaign resumes a paused campaign. Pending instances that came due while it was
+    paused are re-checked at once (and sent if they still qualify); the others keep their due
+    times. Resuming an active campaign is a no-op. Applying the YAML with `status: active`
+    (the default) does the same.
+    Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
+    """
+    ExplainDecisions: _aio.UnaryUnaryMultiCallable[_rules_pb2.ExplainDecisionsRequest, _rules_pb2.ExplainDecisionsResponse]  # type: ignore[assignment]
+    """ExplainDecisions lists every decision recorded for one user and campaign, oldest first:
+    triggered (and until when it is delayed), filtered out, excluded by the audience, not
+    re-eligible, re-armed, cancelled by an exception event, re-checked and sent, and the
+    outcome dispatch reported for each planned send (sent, failed, suppressed downstream).
+    Errors: INVALID_ARGUMENT (empty user_id or campaign_id).
+    """
+    VerifyProjection: _aio.UnaryUnaryMultiCallable[_rules_pb2.VerifyProjectionRequest, _rules_pb2.VerifyProjectionResponse]  # type: ignore[assignment]
+    """VerifyProjection rebuilds the workspace's user states from the beginning of the event
+    store, in memory, with the projection's own fold, up to the live projection's checkpoint
+    (one consistent snapshot), and compares them with the live states (checker C4).
+    Read-only; its cost grows with the workspace's events.
     """
 
 class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -125,6 +177,56 @@ class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_rules_pb2.GetUserResponse, _abc.Awaitable[_rules_pb2.GetUserResponse]]:
         """GetUser returns a user's projected engagement state as JSON-like data.
         Errors: NOT_FOUND when no event of that user has been projected.
+        """
+
+    @_abc_1.abstractmethod
+    def PauseCampaign(
+        self,
+        request: _rules_pb2.PauseCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.PauseCampaignResponse, _abc.Awaitable[_rules_pb2.PauseCampaignResponse]]:
+        """PauseCampaign pauses a campaign without creating a version: no new instance starts and
+        nothing is sent; pending instances stay pending when their timers fire. Pausing a paused
+        campaign is a no-op. Applying the campaign's YAML with `status: paused` does the same.
+        Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeCampaign(
+        self,
+        request: _rules_pb2.ResumeCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.ResumeCampaignResponse, _abc.Awaitable[_rules_pb2.ResumeCampaignResponse]]:
+        """ResumeCampaign resumes a paused campaign. Pending instances that came due while it was
+        paused are re-checked at once (and sent if they still qualify); the others keep their due
+        times. Resuming an active campaign is a no-op. Applying the YAML with `status: active`
+        (the default) does the same.
+        Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
+        """
+
+    @_abc_1.abstractmethod
+    def ExplainDecisions(
+        self,
+        request: _rules_pb2.ExplainDecisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.ExplainDecisionsResponse, _abc.Awaitable[_rules_pb2.ExplainDecisionsResponse]]:
+        """ExplainDecisions lists every decision recorded for one user and campaign, oldest first:
+        triggered (and until when it is delayed), filtered out, excluded by the audience, not
+        re-eligible, re-armed, cancelled by an exception event, re-checked and sent, and the
+        outcome dispatch reported for each planned send (sent, failed, suppressed downstream).
+        Errors: INVALID_ARGUMENT (empty user_id or campaign_id).
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyProjection(
+        self,
+        request: _rules_pb2.VerifyProjectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.VerifyProjectionResponse, _abc.Awaitable[_rules_pb2.VerifyProjectionResponse]]:
+        """VerifyProjection rebuilds the workspace's user states from the beginning of the event
+        store, in memory, with the projection's own fold, up to the live projection's checkpoint
+        (one consistent snapshot), and compares them with the live states (checker C4).
+        Read-only; its cost grows with the workspace's events.
         """
 
 def add_RulesServiceServicer_to_server(servicer: RulesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,155 @@
+"""Replay equals live (RELIABILITY.md checker C4): rebuild user states from the event store and
+compare them with the projection.
+
+The rebuild folds every event of the workspace up to the live projection's checkpoint with the
+projection's own `evolve`, in the order the projector applied them (each user's events in
+`(tx_id, global_position)` order), in memory and one user at a time, inside one repeatable-read
+snapshot so that the checkpoint, the live states and the events agree. It writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from nudge import eventstore
+from nudge.eventstore import Cursor
+from services.rules import store
+from services.rules.application import READER
+from services.rules.domain import (
+    RecordedEvent,
+    UserState,
+    evolve,
+    state_from_dict,
+    state_to_dict,
+)
+
+MAX_LISTED = 100
+REPLAY_STATEMENT_TIMEOUT = "10min"
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One user whose replayed state differs from the live one (`problem`: state, position,
+    missing from live, unexpected in live)."""
+
+    user_id: str
+    problem: str
+    fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    """The outcome of a replay: `match` when every user is equal."""
+
+    users: int
+    events: int
+    checkpoint: Cursor
+    mismatch_count: int
+    mismatches: tuple[Mismatch, ...]
+
+    @property
+    def match(self) -> bool:
+        """True when replay equals live for every user."""
+        return self.mismatch_count == 0
+
+
+def compare_user(
+    user_id: str,
+    live: tuple[Mapping[str, Any], int] | None,
+    replayed: tuple[UserState, int] | None,
+) -> Mismatch | None:
+    """Compare one user's live (state document, last position) with the replayed pair."""
+    if live is None and replayed is None:
+        return None
+    if live is None:
+        return Mismatch(user_id, "missing")
+    if replayed is None:
+        return Mismatch(user_id, "unexpected")
+    live_doc = state_to_dict(state_from_dict(live[0]))
+    replayed_doc = state_to_dict(replayed[0])
+    fields = tuple(
+        sorted(
+            key
+            for key in live_doc.keys() | replayed_doc.keys()
+            if live_doc.get(key) != replayed_doc.get(key)
+        )
+    )
+    if fields:
+        return Mismatch(user_id, "state", fields)
+    if live[1] != replayed[1]:
+        return Mismatch(user_id, "position", ("last_position",))
+    return None
+
+
+def _recorded(row: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent(
+        workspace_id=row["workspace_id"],
+        user_id=row["user_id"],
+        event_id=row["event_id"],
+        name=row["name"],
+        occurred_at=row["occurred_at"],
+        received_at=row["received_at"],
+        properties=row["properties"],
+        global_position=row["global_position"],
+    )
+
+
+class _Comparison:
+    def __init__(self, live: dict[str, tuple[dict[str, Any], int]]) -> None:
+        self.live = live
+        self.seen: set[str] = set()
+        self.count = 0
+        self.listed: list[Mismatch] = []
+
+    def user(self, user_id: str, replayed: tuple[UserState, int] | None) -> None:
+        self.seen.add(user_id)
+        mismatch = compare_user(user_id, self.live.get(user_id), replayed)
+        if mismatch is not None:
+            self.count += 1
+            if len(self.listed) < MAX_LISTED:
+                self.listed.append(mismatch)
+
+
+async def verify_projection(pool: asyncpg.Pool, workspace_id: str) -> ReplayReport:
+    """Replay the workspace's events up to the live checkpoint and compare (read-only)."""
+    async with (
+        pool.acquire() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        await conn.execute(f"SET LOCAL statement_timeout = '{REPLAY_STATEMENT_TIMEOUT}'")
+        checkpoint = await eventstore.load_checkpoint(conn, READER)
+        comparison = _Comparison(await store.live_states(conn, workspace_id))
+        events = 0
+        user_id: str | None = None
+        state: UserState | None = None
+        position = 0
+        async for row in conn.cursor(
+            store.REPLAY_EVENTS_SQL,
+            workspace_id,
+            str(checkpoint.tx_id),
+            checkpoint.position,
+            prefetch=2000,
+        ):
+            event = _recorded(row)
+            if event.user_id != user_id:
+                if user_id is not None and state is not None:
+                    comparison.user(user_id, (state, position))
+                user_id, state = event.user_id, None
+            state = evolve(state, event)
+            position = event.global_position
+            events += 1
+        if user_id is not None and state is not None:
+            comparison.user(user_id, (state, position))
+        for unexpected in sorted(comparison.live.keys() - comparison.seen):
+            comparison.user(unexpected, None)
+    return ReplayReport(
+        users=len(comparison.seen),
+        events=events,
+        checkpoint=checkpoint,
+        mismatch_count=comparison.count,
+        mismatches=tuple(comparison.listed),
+    )
