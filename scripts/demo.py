@@ -9,7 +9,13 @@ Run from the repository root: ``python -m scripts.demo``. It
 4. identifies three users and tracks events, with the ``nudge`` CLI (what you would type) and
    with a direct gRPC call (what an SDK does), both through the public IngestService;
 5. waits for the deliveries, checks them, prints them, and shows ``nudge messages``;
-6. stops ``nudge up`` with SIGTERM and checks that it exits 0.
+6. runs the campaign engine on a small simulated population with time skipping
+   (``nudge time advance``): whale and price-drop nudges at once, an abandoned-cart reminder
+   after an hour (cancelled for the user who bought that cart), onboarding a day after the first
+   session (a different message for users of Feature X), win-back after 14 days without a
+   session (not for users back on day 13); prints what was sent, what was cancelled and why
+   (``nudge why``), and checks that replay equals live (``nudge replay``);
+7. stops ``nudge up`` with SIGTERM and checks that it exits 0.
 
 Exit 0 when everything expected was delivered (and nothing else), else 1 with the reason and
 the path of the log. The temporary directory is removed on success and kept on failure.
@@ -187,6 +193,137 @@ EXPECTED_MAIL = [
 EXPECTED_WEBHOOKS = [
     ExpectedWebhook("/crm/grace", {"user": "grace", "cart": "cart-77", "value": "30"}),
     ExpectedWebhook("/crm/linus", {"user": "linus", "cart": "cart-12", "value": "15"}),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# the campaign engine on a small population (steps 7-11)
+
+POPULATION = [
+    User("mia", {"email": "mia@example.com", "first_name": "Mia"}),
+    User("noah", {"email": "noah@example.com", "first_name": "Noah"}),
+    User("olga", {"email": "olga@example.com", "first_name": "Olga"}),
+]
+ACTIVE = ["ada", "grace", "linus", "mia", "noah", "olga"]
+
+
+def day_zero_events() -> list[Event]:
+    """Everyone's first session, and what a few of them do next."""
+    events = [
+        Event(f"session-{u}-0", u, "session_start", {}, "onboarding + win-back armed")
+        for u in ACTIVE
+    ]
+    events += [
+        Event("feature-grace", "grace", "feature_x_used", {}, "onboarding: the Feature X branch"),
+        Event("feature-mia", "mia", "feature_x_used", {}, "onboarding: the Feature X branch"),
+    ]
+    events += [Event(f"session-noah-{i}", "noah", "session_start", {}, "") for i in range(1, 4)]
+    events += [
+        Event("session-noah-4", "noah", "session_start", {}, "5th session in 7 days: whale"),
+        Event("session-noah-5", "noah", "session_start", {}, "still a whale: nothing more"),
+        Event("loyalty-olga", "olga", "loyalty_page_viewed", {}, "whale"),
+        Event("buy-grace-77", "grace", "purchase", {"cart_id": "cart-77"}, "cancels cart-77"),
+        Event("buy-linus-99", "linus", "purchase", {"cart_id": "cart-99"}, "another cart"),
+        Event(
+            "drop-ada-1", "ada", "price_dropped", {"item": "Kettle", "discount": 20}, "email now"
+        ),
+        Event(
+            "drop-ada-2",
+            "ada",
+            "price_dropped",
+            {"item": "Toaster", "discount": 25},
+            "not re-eligible for 7 days",
+        ),
+    ]
+    return events
+
+
+def onboarding(to: str, name: str, feature_x: bool) -> ExpectedMail:
+    if feature_x:
+        return ExpectedMail(
+            to,
+            "Three more things Feature X can do",
+            f"Hi {name}, you have used Feature X 1 times already.",
+        )
+    return ExpectedMail(
+        to, "Have you tried Feature X?", f"Hi {name}, Feature X saves you an hour a week."
+    )
+
+
+def win_back(to: str, name: str) -> ExpectedMail:
+    return ExpectedMail(
+        to, f"We miss you, {name}", "It has been two weeks. Your saved items are waiting."
+    )
+
+
+THANKS = "Hi {}, here is early access to our loyalty programme."
+PHASES: list[tuple[str, str | None, list[Event], list[ExpectedMail]]] = [
+    (
+        "Day 0: sessions, feature use, purchases, price drops (whale and price-drop send now)",
+        None,
+        day_zero_events(),
+        [
+            ExpectedMail("noah@example.com", "A thank-you from us", THANKS.format("Noah")),
+            ExpectedMail("olga@example.com", "A thank-you from us", THANKS.format("Olga")),
+            ExpectedMail(
+                "ada@example.com",
+                "Kettle is 20% off",
+                "Hi Ada, an item you watch just got cheaper.",
+            ),
+        ],
+    ),
+    (
+        "One hour later: cart reminders (grace bought cart-77; linus bought another cart)",
+        "1h1m",
+        [],
+        [
+            ExpectedMail(
+                "linus@example.com",
+                "You left something in your cart",
+                "Cart cart-12 (15 EUR) is still waiting for you.",
+            )
+        ],
+    ),
+    (
+        "Day 1: onboarding, one day after each user's first session",
+        "23h",
+        [],
+        [
+            onboarding("ada@example.com", "Ada", False),
+            onboarding("grace@example.com", "Grace", True),
+            onboarding("linus@example.com", "there", False),
+            onboarding("mia@example.com", "Mia", True),
+            onboarding("noah@example.com", "Noah", False),
+            onboarding("olga@example.com", "Olga", False),
+        ],
+    ),
+    (
+        "Day 13: ada and mia come back (their win-back checks are re-armed)",
+        "12d",
+        [
+            Event("session-ada-13", "ada", "session_start", {}, "win-back re-armed to day 27"),
+            Event("session-mia-13", "mia", "session_start", {}, "win-back re-armed to day 27"),
+        ],
+        [],
+    ),
+    (
+        "Day 14: win-back for everyone without a session for 14 days",
+        "1d1m",
+        [],
+        [
+            win_back("grace@example.com", "Grace"),
+            win_back("linus@example.com", "friend"),
+            win_back("noah@example.com", "Noah"),
+            win_back("olga@example.com", "Olga"),
+        ],
+    ),
+]
+WHY = [
+    ("grace", "abandoned-cart"),
+    ("linus", "abandoned-cart"),
+    ("noah", "whale"),
+    ("ada", "price-drop"),
+    ("mia", "win-back"),
 ]
 
 
@@ -508,6 +645,65 @@ def show_deliveries(
 
 
 # --------------------------------------------------------------------------------------------
+# the campaign engine with time skipping
+
+
+def wait_new_mails(smtp: SmtpSink, seen: int, expected: Sequence[ExpectedMail]) -> None:
+    """Wait for exactly `expected` beyond the first `seen` emails, check and print them."""
+    if expected:
+        smtp.wait_for(seen + len(expected), DELIVERY_TIMEOUT_S)
+    time.sleep(SETTLE_S)
+    got = sorted(
+        ExpectedMail(", ".join(m.rcpt_tos), m.subject, m.text) for m in smtp.messages[seen:]
+    )
+    if got != sorted(expected):
+        raise DemoFailed(f"expected emails {sorted(expected)}, got {got}")
+    for mail in got:
+        say(f"     sent to {mail.to:<18} {mail.subject!r}: {mail.body}")
+    if not got:
+        say("     (no email: nothing is due)")
+
+
+def campaign_engine(cli: Cli, ingest: str, api_key: str, smtp: SmtpSink, first: int) -> int:
+    """Steps `first`.. : the population, the phases with time skipping, why, replay.
+    Returns the next step number."""
+    number = first
+    step(number, "Campaign engine: a small population, with time skipping (dev clock)")
+    say("   Campaigns: onboarding-day-1 (after_first), whale (threshold), win-back (inactivity),")
+    say("   abandoned-cart (action + delay + exception), price-drop (re-eligibility)")
+    say("   gRPC IngestService.Identify:")
+    for user in POPULATION:
+        say(f"     {grpc_identify(ingest, api_key, user)} {user.user_id} {compact(user.traits)}")
+    for title, skip, events, expected in PHASES:
+        number += 1
+        step(number, title)
+        seen = len(smtp.messages)
+        if skip is not None:
+            cli.run("time", "advance", skip)
+        if events:
+            outcomes = grpc_track(ingest, api_key, events)
+            if outcomes != ["accepted"] * len(events):
+                raise DemoFailed(f"unexpected Track outcomes: {outcomes}")
+            width = max(len(e.event_id) for e in events)
+            for e in events:
+                parts = [f"{e.event_id:<{width}} {e.user_id:<6} {e.name}"]
+                parts += [compact(e.properties)] if e.properties else []
+                parts += [f" -> {e.note}"] if e.note else []
+                say("     tracked " + " ".join(parts))
+        wait_new_mails(smtp, seen, expected)
+    number += 1
+    step(number, "Why? Every decision, with its reason (nudge why)")
+    for user_id, campaign_id in WHY:
+        cli.run("why", user_id, campaign_id)
+    number += 1
+    step(number, "Replay the event store and compare with the live projection (nudge replay)")
+    output = cli.run("replay")
+    if not output.startswith("match: "):
+        raise DemoFailed(f"replay does not match live: {output}")
+    return number + 1
+
+
+# --------------------------------------------------------------------------------------------
 # the demo
 
 
@@ -620,8 +816,11 @@ def run(work_dir: Path) -> bool:
                 addresses["dispatch"], api_key, [u.user_id for u in people], deadline
             )
             cli.run("messages", "grace")
+            engine_mails = len(smtp.messages)
+            last = campaign_engine(cli, addresses["ingest"], api_key, smtp, 7)
+            engine_mails = len(smtp.messages) - engine_mails
 
-            step(7, "Stop the stack")
+            step(last, "Stop the stack")
             say("   SIGTERM to `nudge up`")
             stopping = time.monotonic()
             rc = up.stop(STOP_TIMEOUT_S)
@@ -637,8 +836,9 @@ def run(work_dir: Path) -> bool:
             up.close()
     say()
     say(
-        f"Demo OK: {len(mails)} emails and {len(hooks)} webhooks delivered as expected, "
-        f"nothing else; {time.monotonic() - started:.1f} s."
+        f"Demo OK: {len(mails)} emails and {len(hooks)} webhooks delivered as expected, then "
+        f"{engine_mails} campaign-engine emails over 14 skipped days, nothing else; replay "
+        f"equals live; {time.monotonic() - started:.1f} s."
     )
     return bool(warnings)
 
