@@ -732,6 +732,9 @@ class TimerHandler:
             self._on_effects.set()
 
 
+RESUME_LOOKAHEAD = timedelta(minutes=1)
+
+
 class CampaignAdmin:
     """Validates and stores campaign definitions; pauses and resumes campaigns.
 
@@ -802,8 +805,11 @@ class CampaignAdmin:
         (their timer fired and left them pending); return how many."""
         now = await db_now(conn)
         effects = _Effects()
+        # Also the timers about to fire: one that fires while this transaction is open would be
+        # handled as paused (the resume is not committed yet) and wait forever. Re-arming a timer
+        # that has not fired, with the same due time, is a no-op in the scheduler.
         overdue = await store.overdue_pending_instances(
-            conn, workspace_id, campaign_id, self._fire_margin
+            conn, workspace_id, campaign_id, self._fire_margin, RESUME_LOOKAHEAD
         )
         for instance in overdue:
             effects.timers[instance.instance_id] = Planner.timer(

@@ -377,18 +377,24 @@ async def cancel_instances(conn: Conn, instance_ids: Sequence[str]) -> None:
 
 
 async def overdue_pending_instances(
-    conn: Queryable, workspace_id: str, campaign_id: str, margin: timedelta
+    conn: Queryable,
+    workspace_id: str,
+    campaign_id: str,
+    margin: timedelta,
+    lookahead: timedelta = timedelta(0),
 ) -> list[Instance]:
-    """Pending instances of a campaign (any version) whose timer is due by now: while the
-    campaign was paused their timer fired and they stayed pending."""
+    """Pending instances of a campaign (any version) whose timer (due_at + margin) is due by
+    now + lookahead: while the campaign was paused their timer fired and they stayed pending,
+    or it is about to fire."""
     rows = await conn.fetch(
         f"""SELECT {_INSTANCE_COLUMNS} FROM campaign_instances i
             WHERE i.workspace_id = $1 AND i.campaign_id = $2 AND i.state = 'pending'
-              AND i.due_at + $3::interval <= (SELECT nudge_now())
+              AND i.due_at + $3::interval <= (SELECT nudge_now()) + $4::interval
             ORDER BY i.due_at, i.instance_id""",
         workspace_id,
         campaign_id,
         margin,
+        lookahead,
     )
     return [Instance(**dict(r)) for r in rows]
 
