@@ -147,6 +147,25 @@ async def load_checkpoint(conn: Queryable, reader: str) -> Cursor:
     return Cursor.start() if row is None else Cursor(int(row["tx"]), row["global_position"])
 
 
+async def reader_lag(conn: Queryable, reader: str, cap: int = 100_000) -> tuple[int, float]:
+    """How far a reader is behind: (committed events after its checkpoint, at most `cap`;
+    seconds since the oldest of them was received, 0.0 when there is none)."""
+    cursor = await load_checkpoint(conn, reader)
+    row = await conn.fetchrow(
+        """SELECT count(*) AS events,
+                  coalesce(extract(epoch FROM (SELECT nudge_now()) - min(received_at)), 0)::float8
+                      AS seconds
+           FROM (SELECT received_at FROM events
+                 WHERE (tx_id, global_position) > ($1::text::xid8, $2)
+                 ORDER BY tx_id, global_position LIMIT $3) AS behind""",
+        str(cursor.tx_id),
+        cursor.position,
+        cap,
+    )
+    assert row is not None
+    return int(row["events"]), max(float(row["seconds"]), 0.0)
+
+
 async def save_checkpoint(conn: Conn, reader: str, cursor: Cursor, xmin: int) -> None:
     """Store the cursor and the watermark xmin; call inside the transaction of the effect."""
     await conn.execute(

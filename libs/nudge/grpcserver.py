@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nudge.auth import PermissionDeniedError, UnauthenticatedError
+from nudge.metrics import GrpcMetricsInterceptor
 
 log = logging.getLogger("nudge.grpc")
 
@@ -153,8 +154,10 @@ class GrpcServer:
             await self.health.set(name, status)
 
     async def drain(self, grace_s: float = 5.0) -> None:
-        """Turn NOT_SERVING, then stop accepting calls and let in-flight calls finish."""
-        await self.set_serving(False)
+        """Turn NOT_SERVING for good, then stop accepting calls and let in-flight calls finish."""
+        # Graceful-shutdown mode ignores later updates: a readiness check that completes during
+        # the drain cannot report SERVING again.
+        await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
 
 
@@ -165,7 +168,9 @@ async def start_grpc_server(
 ) -> GrpcServer:
     """Start a server on `address` with the bindings, health (NOT_SERVING until told) and
     reflection. Raises OSError when the address cannot be bound."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=[GrpcMetricsInterceptor(), *interceptors]
+    )
     bindings = list(bindings)
     for binding in bindings:
         binding.add(binding.servicer, server)
