@@ -7,19 +7,22 @@ import logging
 from contextlib import AsyncExitStack
 from datetime import timedelta
 
-from nudge import bus, db, runtime
+from nudge import bus, db, health, metrics, runtime
 from nudge.auth import KeyVerifier
 from nudge.clock import DbClock
 from nudge.dispatch.v1 import dispatch_pb2_grpc
 from nudge.grpcserver import ServiceBinding, start_grpc_server
 from nudge.logs import setup_logging
+from nudge.metrics import serve_metrics
+from nudge.telemetry import setup_tracing
 from services.dispatch.application import Dispatcher, Unsubscriber
 from services.dispatch.channels.base import Channel
 from services.dispatch.channels.configured import provider_channels
 from services.dispatch.channels.console import ConsoleChannel
 from services.dispatch.channels.email import SmtpChannel
+from services.dispatch.channels.instrumented import instrumented
 from services.dispatch.channels.webhook import WebhookChannel
-from services.dispatch.consumers import consume_send_requests
+from services.dispatch.consumers import DURABLE, consume_send_requests
 from services.dispatch.grpc_api import DispatchServicer
 from services.dispatch.http_api import UnsubscribeApp, start_http_server, unsubscribe_links
 from services.dispatch.settings import Settings
@@ -49,6 +52,7 @@ async def main(stop: asyncio.Event) -> None:
         channels.update(provider_channels(settings))  # push, sms: only when their URL is set
         for channel in channels.values():
             stack.push_async_callback(channel.aclose)
+        channels = instrumented(channels)
         clock = DbClock(pool)
         await clock.sync()
         links = unsubscribe_links(settings)
@@ -86,7 +90,17 @@ async def main(stop: asyncio.Event) -> None:
         )
         stack.push_async_callback(http.wait_closed)
         stack.callback(http.close)
-        await server.set_serving(True)
+        readiness = health.Readiness(
+            server,
+            [
+                health.database(pool),
+                health.jetstream(nc, js, names.dispatch_stream),
+                health.consumer(js, names.dispatch_stream, DURABLE),
+            ],
+        )
+        supervisor.start("readiness", readiness.run())
+        samplers = [metrics.consumer_sampler(js, names.dispatch_stream, DURABLE)]
+        supervisor.start("metrics", metrics.run_samplers(samplers))
         log.info("dispatch serving on %s", settings.address)
         await stop.wait()
         log.info("dispatch draining")
@@ -97,4 +111,6 @@ async def main(stop: asyncio.Event) -> None:
 
 if __name__ == "__main__":
     setup_logging("dispatch")
+    setup_tracing("dispatch")
+    serve_metrics("dispatch")
     runtime.run(main)

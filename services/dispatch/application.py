@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncpg
 
+from nudge import metrics
 from nudge.clock import DbClock
 from nudge.dispatch.v1 import dispatch_pb2
 from nudge.protoconv import struct_to_dict
@@ -268,6 +269,7 @@ class Dispatcher:
                     await store.mark_held(conn, row, decision.next_at, decision.reason)
                 else:
                     await store.mark_suppressed(conn, row, decision.code, decision.reason)
+                    metrics.count_send(row.channel, "suppressed")
                     log.info("send %s suppressed: %s", row.send_id, decision.reason)
         return claimed
 
@@ -290,6 +292,7 @@ class Dispatcher:
         if refusal is not None:
             async with self._pool.acquire() as conn, conn.transaction():
                 await store.mark_suppressed(conn, send, *refusal)
+            metrics.count_send(send.channel, "suppressed")
             return
         message = OutboundMessage(
             send_id=send.send_id,
@@ -330,6 +333,8 @@ class Dispatcher:
         async with self._pool.acquire() as conn, conn.transaction():
             if not await store.mark_sent(conn, attempting, delivery.provider_message_id):
                 log.warning("send %s delivered but its claim was taken over", send.send_id)
+                return
+        metrics.count_send(send.channel, "sent")
 
     def _unsubscribe_url(self, send: SendRow) -> str | None:
         if self._links is None or send.channel != "email" or send.kind != "marketing":
@@ -349,6 +354,7 @@ class Dispatcher:
             return
         async with self._pool.acquire() as conn, conn.transaction():
             await store.mark_ambiguous(conn, send, error.reason)
+        metrics.count_send(send.channel, "ambiguous")
         log.warning("send %s parked as ambiguous: %s", send.send_id, error.reason)
 
     async def _retry(self, send: SendRow, error: ChannelError, *, ambiguous: bool = False) -> None:
@@ -367,6 +373,7 @@ class Dispatcher:
             await store.mark_retry(
                 self._pool, send, decision.next_at, decision.reason, ambiguous=ambiguous
             )
+            metrics.count_retry(send.channel)
 
     async def _dead(
         self, send: SendRow, reason: str, *, undeliverable_address: str | None = None
@@ -376,6 +383,7 @@ class Dispatcher:
                 conn, send, reason, undeliverable_address=undeliverable_address
             )
         if done:
+            metrics.count_send(send.channel, "dead")
             log.info("send %s dead-lettered: %s", send.send_id, reason)
 
     # ---------------------------------------------------------------------------- sweeper
@@ -390,9 +398,11 @@ class Dispatcher:
             reason = "attempt interrupted; provider outcome unknown"
             if ambiguous_is_retried(channel_is_idempotent=idempotent, kind=send.kind):
                 await store.mark_retry(self._pool, send, self._clock.now(), reason, ambiguous=True)
+                metrics.count_retry(send.channel)
             else:
                 async with self._pool.acquire() as conn, conn.transaction():
                     await store.mark_ambiguous(conn, send, reason)
+                metrics.count_send(send.channel, "ambiguous")
                 log.warning(
                     "send %s parked as ambiguous after an interrupted attempt", send.send_id
                 )

@@ -7,11 +7,13 @@ import logging
 import uuid
 
 from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 
 from nudge.bus import BusNames, work_queue_consumer
 from nudge.dispatch.v1 import dispatch_pb2
+from nudge.telemetry import consumer_span
 from services.dispatch.application import Dispatcher
 
 log = logging.getLogger("nudge.dispatch")
@@ -46,9 +48,15 @@ async def consume_send_requests(
 
 
 async def _handle(dispatcher: Dispatcher, message: object) -> None:
-    from nats.aio.msg import Msg
-
     assert isinstance(message, Msg)
+    headers = message.headers or {}
+    with consumer_span(
+        message.subject, headers, consumer_group=DURABLE, msg_id=headers.get("Nats-Msg-Id")
+    ):
+        await _process(dispatcher, message)
+
+
+async def _process(dispatcher: Dispatcher, message: Msg) -> None:
     try:
         request = dispatch_pb2.SendRequest.FromString(message.data)
     except DecodeError:

@@ -6,12 +6,14 @@ import asyncio
 import logging
 from contextlib import AsyncExitStack
 
-from nudge import bus, db, runtime
+from nudge import bus, db, health, metrics, runtime
 from nudge.auth import KeyVerifier
 from nudge.clock import DbClock
 from nudge.grpcserver import ServiceBinding, start_grpc_server
 from nudge.ingest.v1 import ingest_pb2_grpc
 from nudge.logs import setup_logging
+from nudge.metrics import serve_metrics
+from nudge.telemetry import setup_tracing
 from services.ingest.application import GroupCommitter, RateLimiter
 from services.ingest.grpc_api import IngestServicer
 from services.ingest.relay import Relay
@@ -59,7 +61,12 @@ async def main(stop: asyncio.Event) -> None:
                 )
             ],
         )
-        await server.set_serving(True)
+        readiness = health.Readiness(
+            server, [health.database(pool), health.jetstream(nc, js, names.events_stream)]
+        )
+        supervisor.start("readiness", readiness.run())
+        samplers = [metrics.reader_lag_sampler(pool, "relay")]
+        supervisor.start("metrics", metrics.run_samplers(samplers))
         log.info("ingest serving on %s", settings.address)
         await stop.wait()
         log.info("ingest draining")
@@ -70,4 +77,6 @@ async def main(stop: asyncio.Event) -> None:
 
 if __name__ == "__main__":
     setup_logging("ingest")
+    setup_tracing("ingest")
+    serve_metrics("ingest")
     runtime.run(main)

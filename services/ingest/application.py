@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from enum import Enum
 
 import asyncpg
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext
 
-from nudge import eventstore
+from nudge import eventstore, metrics, telemetry
 from nudge.eventstore import NewEvent
 from services.ingest.domain import TokenBucket
 
@@ -30,6 +32,7 @@ class Outcome(Enum):
 class _Pending:
     events: Sequence[NewEvent]
     done: asyncio.Future[list[Outcome]]
+    caller: SpanContext
 
 
 class GroupCommitter:
@@ -61,7 +64,8 @@ class GroupCommitter:
         if not events:
             return []
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(events, future))
+        caller = trace.get_current_span().get_span_context()
+        self._queue.put_nowait(_Pending(events, future, caller))
         return await future
 
     async def run(self) -> None:
@@ -85,7 +89,12 @@ class GroupCommitter:
 
     async def _flush(self, batch: list[_Pending]) -> None:
         try:
-            results = await self._commit_with_retry([p.events for p in batch])
+            with telemetry.batch_span(
+                "append events",
+                (p.caller for p in batch),
+                attributes={"nudge.requests": len(batch)},
+            ):
+                results = await self._commit_with_retry([p.events for p in batch])
         except BaseException as error:
             for pending in batch:
                 if not pending.done.done():
@@ -120,10 +129,12 @@ class GroupCommitter:
         self.batch_sizes.append(len(flat))
         if len(self.batch_sizes) > 10_000:
             del self.batch_sizes[:5_000]
-        async with self._pool.acquire() as conn, conn.transaction():
-            inserted = await eventstore.append(conn, ordered)
-            not_inserted = {(e.workspace_id, e.event_id) for e in flat} - inserted
-            stored = await eventstore.existing_hashes(conn, not_inserted)
+        metrics.APPEND_BATCH_EVENTS.observe(len(flat))
+        with metrics.APPEND_SECONDS.time():
+            async with self._pool.acquire() as conn, conn.transaction():
+                inserted = await eventstore.append(conn, ordered)
+                not_inserted = {(e.workspace_id, e.event_id) for e in flat} - inserted
+                stored = await eventstore.existing_hashes(conn, not_inserted)
         kept_hash: dict[tuple[str, str], bytes] = {}
         for event in ordered:
             kept_hash.setdefault((event.workspace_id, event.event_id), event.body_hash())

@@ -8,11 +8,13 @@ from typing import Any
 
 import grpc
 
+from nudge import metrics
 from nudge.auth import KeyVerifier
 from nudge.eventstore import NewEvent
 from nudge.grpcserver import InvalidArgumentError, ResourceExhaustedError, bearer, maps_errors
 from nudge.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from nudge.protoconv import struct_to_dict, timestamp_or_none
+from nudge.telemetry import current_traceparent
 from services.ingest.application import GroupCommitter, Outcome, RateLimiter
 from services.ingest.domain import MAX_EVENTS_PER_BATCH, EventRejectedError, validate_event
 
@@ -23,6 +25,11 @@ _STATUS = {
     Outcome.ACCEPTED: ingest_pb2.EVENT_STATUS_ACCEPTED,
     Outcome.DUPLICATE: ingest_pb2.EVENT_STATUS_DUPLICATE,
     Outcome.CONFLICT: ingest_pb2.EVENT_STATUS_REJECTED,
+}
+_OUTCOME_NAMES = {
+    ingest_pb2.EVENT_STATUS_ACCEPTED: "accepted",
+    ingest_pb2.EVENT_STATUS_DUPLICATE: "duplicate",
+    ingest_pb2.EVENT_STATUS_REJECTED: "rejected",
 }
 _CONFLICT_REASON = "event_id was already used for an event with a different body"
 
@@ -93,6 +100,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             if result is None:
                 result = _result(next(stored).event_id, next(outcomes))
             response.results.append(result)
+        metrics.count_ingested(_OUTCOME_NAMES[r.status] for r in response.results)
         return response
 
     @maps_errors
@@ -130,7 +138,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             metadata=_metadata(context),
         )
         [outcome] = await self._committer.append([event])
-        return ingest_pb2.IdentifyResponse(result=_result(event.event_id, outcome))
+        result = _result(event.event_id, outcome)
+        metrics.count_ingested([_OUTCOME_NAMES[result.status]])
+        return ingest_pb2.IdentifyResponse(result=result)
 
     def _admit(self, workspace_id: str, events: int) -> None:
         wait_s = self._limiter.admit(workspace_id, events)
@@ -141,11 +151,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
 
 def _metadata(context: Context) -> dict[str, Any]:
-    from opentelemetry import propagate
-
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return {"traceparent": carrier["traceparent"]} if "traceparent" in carrier else {}
+    # The caller's trace travels with the event (STYLE.md habit 10): the relay, the rules
+    # projection and the sends it plans link to it or continue it.
+    traceparent = current_traceparent()
+    return {"traceparent": traceparent} if traceparent else {}
 
 
 def _rejected(event_id: str, error: EventRejectedError) -> ingest_pb2.EventResult:

@@ -16,7 +16,7 @@ import asyncpg
 from google.protobuf.struct_pb2 import Struct
 from nats.js import JetStreamContext
 
-from nudge import eventstore
+from nudge import eventstore, metrics, telemetry
 from nudge.bus import BusNames, trace_headers
 from nudge.eventstore import Cursor, StoredEvent
 from nudge.ingest.v1 import ingest_pb2
@@ -49,26 +49,34 @@ def _to_proto(event: StoredEvent) -> ingest_pb2.RecordedEvent:
 
 def chunk_messages(events: Sequence[StoredEvent]) -> Iterator[tuple[str, str, bytes]]:
     """Split a range into (workspace_id, msg_id, payload) messages, deterministically."""
+    for workspace_id, msg_id, payload, _ in _chunks(events):
+        yield workspace_id, msg_id, payload
+
+
+def _chunks(
+    events: Sequence[StoredEvent],
+) -> Iterator[tuple[str, str, bytes, list[StoredEvent]]]:
+    """`chunk_messages`, each with the events it carries."""
     by_workspace: dict[str, list[StoredEvent]] = {}
     for event in events:
         by_workspace.setdefault(event.workspace_id, []).append(event)
     for workspace_id, items in by_workspace.items():
         batch = ingest_pb2.EventBatch()
-        first: StoredEvent | None = None
-        last: StoredEvent | None = None
+        carried: list[StoredEvent] = []
         for event in items:
             record = _to_proto(event)
             full = len(batch.events) >= MAX_EVENTS_PER_MESSAGE
             too_big = batch.ByteSize() + _framed_size(record) > MAX_BYTES_PER_MESSAGE
-            if first is not None and last is not None and (full or too_big):
-                yield workspace_id, _msg_id(workspace_id, first, last), batch.SerializeToString()
+            if carried and (full or too_big):
+                msg_id = _msg_id(workspace_id, carried[0], carried[-1])
+                yield workspace_id, msg_id, batch.SerializeToString(), carried
                 batch = ingest_pb2.EventBatch()
-                first = None
+                carried = []
             batch.events.append(record)
-            first = first or event
-            last = event
-        if first is not None and last is not None:
-            yield workspace_id, _msg_id(workspace_id, first, last), batch.SerializeToString()
+            carried.append(event)
+        if carried:
+            msg_id = _msg_id(workspace_id, carried[0], carried[-1])
+            yield workspace_id, msg_id, batch.SerializeToString(), carried
 
 
 def _framed_size(record: ingest_pb2.RecordedEvent) -> int:
@@ -174,15 +182,7 @@ class Relay:
         return len(result.events)
 
     async def _publish(self, events: Sequence[StoredEvent], end: Cursor, result_xmin: int) -> None:
-        acks = [
-            self._js.publish(
-                self._names.events_subject(workspace_id),
-                payload,
-                headers=trace_headers(msg_id),
-            )
-            for workspace_id, msg_id, payload in chunk_messages(events)
-        ]
-        await asyncio.gather(*acks)
+        await asyncio.gather(*(self._publish_one(*chunk) for chunk in _chunks(events)))
         async with self._pool.acquire() as conn, conn.transaction():
             await eventstore.save_checkpoint(conn, READER, end, result_xmin)
             await conn.execute(
@@ -191,3 +191,15 @@ class Relay:
                 READER,
             )
         self.published_events += len(events)
+        metrics.RELAY_EVENTS.inc(len(events))
+
+    async def _publish_one(
+        self, workspace_id: str, msg_id: str, payload: bytes, events: Sequence[StoredEvent]
+    ) -> None:
+        subject = self._names.events_subject(workspace_id)
+        # Linked to the trace of every event it carries (their traceparent from ingest).
+        causes = (telemetry.span_context_of(e.metadata.get("traceparent")) for e in events)
+        with telemetry.producer_span(
+            subject, msg_id, causes=causes, attributes={"nudge.events": len(events)}
+        ):
+            await self._js.publish(subject, payload, headers=trace_headers(msg_id))

@@ -7,12 +7,14 @@ import logging
 from contextlib import AsyncExitStack
 from datetime import timedelta
 
-from nudge import bus, db, runtime
+from nudge import bus, db, health, metrics, runtime
 from nudge.auth import KeyVerifier
 from nudge.grpcserver import ServiceBinding, insecure_channel, start_grpc_server
 from nudge.logs import setup_logging
+from nudge.metrics import serve_metrics
 from nudge.rules.v1 import rules_pb2_grpc
 from nudge.scheduler.v1 import scheduler_pb2_grpc
+from nudge.telemetry import setup_tracing
 from services.rules.application import (
     CampaignAdmin,
     CampaignCache,
@@ -21,7 +23,12 @@ from services.rules.application import (
     TimerHandler,
     UserViews,
 )
-from services.rules.consumers import consume_fired_timers, project_forever, subscribe_wakeups
+from services.rules.consumers import (
+    TIMERS_DURABLE,
+    consume_fired_timers,
+    project_forever,
+    subscribe_wakeups,
+)
 from services.rules.grpc_api import RulesServicer
 from services.rules.outbox import OutboxWorker
 from services.rules.settings import Settings
@@ -76,7 +83,20 @@ async def main(stop: asyncio.Event) -> None:
                 )
             ],
         )
-        await server.set_serving(True)
+        readiness = health.Readiness(
+            server,
+            [
+                health.database(pool),
+                health.jetstream(nc, js, names.events_stream),
+                health.consumer(js, names.timers_stream, TIMERS_DURABLE),
+            ],
+        )
+        supervisor.start("readiness", readiness.run())
+        samplers = [
+            metrics.reader_lag_sampler(pool, "rules"),
+            metrics.consumer_sampler(js, names.timers_stream, TIMERS_DURABLE),
+        ]
+        supervisor.start("metrics", metrics.run_samplers(samplers))
         log.info("rules serving on %s", settings.address)
         await stop.wait()
         log.info("rules draining")
@@ -87,4 +107,6 @@ async def main(stop: asyncio.Event) -> None:
 
 if __name__ == "__main__":
     setup_logging("rules")
+    setup_tracing("rules")
+    serve_metrics("rules")
     runtime.run(main)

@@ -18,7 +18,7 @@ from uuid import UUID
 
 import asyncpg
 
-from nudge import eventstore
+from nudge import eventstore, metrics, telemetry
 from nudge.bus import BusNames
 from nudge.db import Conn, Queryable, db_now
 from nudge.dispatch.v1 import dispatch_pb2
@@ -393,6 +393,7 @@ class Planner:
             msg_id=send_id,
             subject=self._names.dispatch_subject(trigger.workspace_id, message.channel),
             payload=request.SerializeToString(),
+            traceparent=telemetry.current_traceparent(),
         )
 
     @staticmethod
@@ -407,7 +408,12 @@ class Planner:
                 payload=instance_id.encode(),
             )
         )
-        return store.OutboxItem("schedule", f"schedule:{instance_id}", request.SerializeToString())
+        return store.OutboxItem(
+            "schedule",
+            f"schedule:{instance_id}",
+            request.SerializeToString(),
+            traceparent=telemetry.current_traceparent(),
+        )
 
 
 class Projector:
@@ -427,6 +433,7 @@ class Projector:
         self._planner = planner
         self._batch_size = batch_size
         self._on_effects = on_effects
+        self._traceparents: dict[int, str | None] = {}
         self.applied_events = 0
 
     async def apply_once(self) -> int:
@@ -445,13 +452,24 @@ class Projector:
             if not result.events:
                 await eventstore.save_checkpoint(conn, READER, cursor, result.xmin)
                 return 0
-            await self._cache.refresh(conn)
-            effects = await self._apply(conn, [recorded(e) for e in result.events])
-            await effects.write(conn)
-            await eventstore.save_checkpoint(
-                conn, READER, result.events[-1].cursor, self._watermark(result)
-            )
+            # Traced as one batch linked to each event's trace; a campaign evaluation continues
+            # the trace of the event that triggered it, and so do the sends it plans.
+            self._traceparents = {
+                e.global_position: e.metadata.get("traceparent") for e in result.events
+            }
+            with telemetry.batch_span(
+                "project events",
+                map(telemetry.span_context_of, self._traceparents.values()),
+                attributes={"nudge.events": len(result.events)},
+            ):
+                await self._cache.refresh(conn)
+                effects = await self._apply(conn, [recorded(e) for e in result.events])
+                await effects.write(conn)
+                await eventstore.save_checkpoint(
+                    conn, READER, result.events[-1].cursor, self._watermark(result)
+                )
         self.applied_events += len(result.events)
+        metrics.count_projection(len(result.events), (d.kind for d in effects.decisions))
         if effects.has_outbox and self._on_effects is not None:
             self._on_effects.set()
         return len(result.events)
@@ -495,8 +513,13 @@ class Projector:
             ]
             cancelling = self._cache.cancelled_by(event.workspace_id, event.name)
             if campaigns or cancelling:
-                self._cancel(event, state, cancelling, members, effects)
-                self._evaluate(event, before, state, campaigns, members, effects)
+                with telemetry.continued_span(
+                    "evaluate campaigns",
+                    self._traceparents.get(event.global_position),
+                    attributes={"nudge.campaigns": len(campaigns)},
+                ):
+                    self._cancel(event, state, cancelling, members, effects)
+                    self._evaluate(event, before, state, campaigns, members, effects)
         await store.save_states(
             conn,
             [(w, u, state_to_dict(states[(w, u)]), positions[(w, u)]) for w, u in positions],

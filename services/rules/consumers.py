@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 from nudge.bus import BusNames, work_queue_consumer
 from nudge.runtime import sleep_or_wake
 from nudge.scheduler.v1 import scheduler_pb2
+from nudge.telemetry import consumer_span
 from services.rules.application import TIMER_TOPIC, Projector, TimerHandler
 
 log = logging.getLogger("nudge.rules")
@@ -41,8 +42,9 @@ async def project_forever(
 async def subscribe_wakeups(nc: NatsClient, names: BusNames, wake: asyncio.Event) -> None:
     """Set `wake` on every relayed event batch (a core subscription: no acks, no state)."""
 
-    async def on_message(_: Msg) -> None:
-        wake.set()
+    async def on_message(message: Msg) -> None:
+        with consumer_span(message.subject, message.headers, consumer_group="rules-wakeup"):
+            wake.set()
 
     await nc.subscribe(f"{names.prefix}.events.>", cb=on_message)
 
@@ -69,7 +71,14 @@ async def consume_fired_timers(
         except TimeoutError:
             continue
         for message in messages:
-            await _handle_fired(handler, message)
+            headers = message.headers or {}
+            with consumer_span(
+                message.subject,
+                headers,
+                consumer_group=TIMERS_DURABLE,
+                msg_id=headers.get("Nats-Msg-Id"),
+            ):
+                await _handle_fired(handler, message)
 
 
 async def _handle_fired(handler: TimerHandler, message: Msg) -> None:

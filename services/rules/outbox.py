@@ -13,6 +13,7 @@ import logging
 import asyncpg
 from nats.js import JetStreamContext
 
+from nudge import telemetry
 from nudge.bus import trace_headers
 from nudge.runtime import sleep_or_wake
 from nudge.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -65,21 +66,25 @@ class OutboxWorker:
             publishes = []
             for _, item in items:
                 if item.kind == "dispatch":
-                    publishes.append(
-                        self._js.publish(
-                            item.subject,
-                            item.payload,
-                            headers=trace_headers(item.msg_id, _trace(item.traceparent)),
-                        )
-                    )
+                    publishes.append(self._publish(item))
                 else:
                     # Timer calls go one by one, in order: a cancel must follow its schedule.
                     await asyncio.gather(*publishes)
                     publishes = []
-                    await self._call_scheduler(item)
+                    with telemetry.traceparent_as_current(item.traceparent):
+                        await self._call_scheduler(item)
             await asyncio.gather(*publishes)
             await store.delete_outbox(conn, [outbox_id for outbox_id, _ in items])
             return len(items)
+
+    async def _publish(self, item: store.OutboxItem) -> None:
+        # The send continues the trace of the decision that planned it (its traceparent).
+        with telemetry.producer_span(item.subject, item.msg_id, parent=item.traceparent or None):
+            await self._js.publish(
+                item.subject,
+                item.payload,
+                headers=trace_headers(item.msg_id, _trace(item.traceparent)),
+            )
 
     async def _call_scheduler(self, item: store.OutboxItem) -> None:
         metadata = (("traceparent", item.traceparent),) if item.traceparent else None

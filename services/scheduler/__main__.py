@@ -6,13 +6,16 @@ import asyncio
 import logging
 from contextlib import AsyncExitStack
 
-from nudge import bus, db, runtime
+from nudge import bus, db, health, metrics, runtime
 from nudge.grpcserver import ServiceBinding, start_grpc_server
 from nudge.logs import setup_logging
+from nudge.metrics import serve_metrics
 from nudge.scheduler.v1 import scheduler_pb2_grpc
+from nudge.telemetry import setup_tracing
 from services.scheduler.application import FiringLoop, Timers
 from services.scheduler.grpc_api import SchedulerServicer
 from services.scheduler.settings import Settings
+from services.scheduler.store import pending_counts
 
 log = logging.getLogger("nudge.scheduler")
 
@@ -52,7 +55,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 )
             ],
         )
-        await server.set_serving(True)
+        readiness = health.Readiness(
+            server, [health.database(pool), health.jetstream(nc, js, names.timers_stream)]
+        )
+        supervisor.start("readiness", readiness.run())
+        supervisor.start(
+            "metrics", metrics.run_samplers([metrics.timers_sampler(lambda: pending_counts(pool))])
+        )
         log.info("scheduler serving on %s", settings.address)
         await stop.wait()
         log.info("scheduler draining")
@@ -68,4 +77,6 @@ async def main(stop: asyncio.Event) -> None:
 
 if __name__ == "__main__":
     setup_logging("scheduler")
+    setup_tracing("scheduler")
+    serve_metrics("scheduler")
     runtime.run(main)

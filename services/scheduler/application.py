@@ -12,9 +12,8 @@ import asyncpg
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from opentelemetry import propagate, trace
 
-from nudge import db
+from nudge import db, metrics, telemetry
 from nudge.bus import BusNames, trace_headers
 from nudge.runtime import sleep_or_wake
 from services.scheduler import store
@@ -92,7 +91,6 @@ class FiringLoop:
         self._max_idle_s = max_idle_s
         self._publish_timeout_s = publish_timeout_s
         self._wake = asyncio.Event()
-        self._tracer = trace.get_tracer("nudge.scheduler")
         self.listening = asyncio.Event()
         self.fired = 0
         self.duplicates = 0
@@ -165,6 +163,9 @@ class FiringLoop:
             await self._publish(due, snapshot)
             await store.mark_fired(conn, [timer.timer_id for timer in due], snapshot.fired_at)
         self.fired += len(due)
+        metrics.TIMERS_FIRED.inc(len(due))
+        for timer in due:
+            metrics.TIMER_LATENESS.observe((snapshot.fired_at - timer.due_at).total_seconds())
         return len(due)
 
     async def _publish(self, timers: Sequence[Timer], snapshot: FiringSnapshot) -> None:
@@ -186,21 +187,16 @@ class FiringLoop:
         self.duplicates += sum(1 for result in results if result.duplicate)
 
     def _headers(self, timer: Timer) -> dict[str, str]:
-        with self._tracer.start_as_current_span(
-            "timer fired",
-            kind=trace.SpanKind.PRODUCER,
-            links=_links_to(timer.traceparent),
+        # A fired timer starts a new trace linked to the one that armed it: one trace spanning
+        # days would be dropped or split by tail samplers (ECOSYSTEM.md §4.2).
+        with telemetry.producer_span(
+            self._names.timers_subject(timer.topic),
+            timer.msg_id,
+            causes=[telemetry.span_context_of(timer.traceparent)],
+            new_trace=True,
             attributes={"nudge.timer_id": str(timer.timer_id), "nudge.topic": timer.topic},
         ):
             return trace_headers(timer.msg_id)
-
-
-def _links_to(traceparent: str) -> list[trace.Link]:
-    if not traceparent:
-        return []
-    armed_by = trace.get_current_span(propagate.extract({"traceparent": traceparent}))
-    context = armed_by.get_span_context()
-    return [trace.Link(context)] if context.is_valid else []
 
 
 def _discard_unfinished(acks: Sequence[asyncio.Future[PubAck]]) -> None:

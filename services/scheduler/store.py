@@ -153,3 +153,14 @@ async def next_due_in(conn: Queryable) -> timedelta | None:
     )
     assert value is None or isinstance(value, timedelta)
     return value
+
+
+async def pending_counts(conn: Queryable) -> tuple[int, int]:
+    """(pending timers, pending timers already due) for the metrics."""
+    row = await conn.fetchrow(
+        """SELECT count(*) AS pending,
+                  count(*) FILTER (WHERE due_at <= (SELECT nudge_now())) AS overdue
+           FROM timers WHERE state = 'pending'"""
+    )
+    assert row is not None
+    return int(row["pending"]), int(row["overdue"])

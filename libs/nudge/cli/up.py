@@ -215,6 +215,8 @@ class UpSettings:
     smtp_url: str
     webhook_secret: str | None
     addresses: Mapping[str, str]
+    metrics_addresses: Mapping[str, str | None]
+    """``/metrics`` listen address per service (None: disabled with ``off``)."""
     services: tuple[str, ...]
     production: bool
 
@@ -241,9 +243,20 @@ class UpSettings:
             smtp_url=args.smtp_url or environ.get("NUDGE_SMTP_URL") or DEFAULT_SMTP_URL,
             webhook_secret=environ.get("NUDGE_WEBHOOK_SECRET") or None,
             addresses={name: service_address(environ, name) for name in SERVICES},
+            metrics_addresses=_metrics_addresses(environ),
             services=tuple(name for name in SERVICES if name not in skip),
             production=is_production(dict(environ)),
         )
+
+
+def _metrics_addresses(environ: Mapping[str, str]) -> dict[str, str | None]:
+    from nudge.config import ConfigError
+    from nudge.metrics import metrics_address
+
+    try:
+        return {name: metrics_address(name, environ) for name in SERVICES}
+    except ConfigError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
 
 
 def new_webhook_secret() -> str:
@@ -356,6 +369,8 @@ class Stack:
         self.api_key = ""
         self.services = [Service(name, settings.addresses[name]) for name in settings.services]
         self.service_env: dict[str, str] = {}
+        self.metrics: dict[str, str] = {}
+        """Where each service serves /metrics (after busy default ports were replaced)."""
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -426,10 +441,30 @@ class Stack:
         )
         for name, address in self.settings.addresses.items():
             env[address_variable(name)] = address
+        env.update(self._metrics_env())
         if not self.settings.production:
             env.setdefault("NUDGE_WEBHOOK_ALLOW_HOSTS", DEV_WEBHOOK_ALLOW_HOSTS)
         env.setdefault("NUDGE_LOG_FORMAT", "text")
         env.pop(STATE_DIR_ENV, None)
+        return env
+
+    def _metrics_env(self) -> dict[str, str]:
+        """``NUDGE_<SERVICE>_METRICS_ADDR`` for each service; a busy default port is replaced
+        by a free one (as for NATS), an explicitly configured one is left to fail fast."""
+        from nudge.metrics import metrics_variable
+
+        env: dict[str, str] = {}
+        for name, address in self.settings.metrics_addresses.items():
+            variable = metrics_variable(name)
+            if address is None:
+                env[variable] = "off"
+                continue
+            host, _, port = address.rpartition(":")
+            if not os.environ.get(variable) and not port_is_free(int(port), host):
+                busy, address = address, f"{host}:{free_port()}"
+                say(f"metrics port {busy} is busy; {name} will serve metrics on {address}")
+            env[variable] = address
+            self.metrics[name] = address
         return env
 
     def start_services(self) -> None:
@@ -470,6 +505,8 @@ class Stack:
         }
         for name, address in self.settings.addresses.items():
             values[address_variable(name)] = address
+        for name, address in self.metrics.items():
+            values[f"NUDGE_{name.upper()}_METRICS_ADDR"] = address
         path = self.settings.state_dir / ENV_FILE_NAME
         header = "written by `nudge up`; use it with: source " + str(path)
         write_private_file(path, format_env_file(values, header))
@@ -579,6 +616,8 @@ def run_up(args: argparse.Namespace) -> int:
         env_path = stack.write_env_file()
         print(stack.ready_line(), flush=True)
         print(f"api key: {stack.api_key}", flush=True)
+        if stack.metrics:
+            say("metrics: " + " ".join(f"{n}=http://{a}/metrics" for n, a in stack.metrics.items()))
         say(f"environment for other shells: source {env_path}")
         stack.supervise()
     except Interrupted:

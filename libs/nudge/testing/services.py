@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,8 +15,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from nudge.dev.stack import free_port
 
 SERVICES = ("ingest", "rules", "scheduler", "dispatch")
 ROOT = Path(__file__).resolve().parents[3]
@@ -32,6 +32,15 @@ def is_serving(address: str, timeout_s: float = 1.0) -> bool:
     return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+def _distinct_free_ports(count: int) -> list[int]:
+    """`count` different free ports (each `free_port()` alone may repeat an earlier answer)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 @dataclass
 class ServiceProcesses:
     """Four service processes sharing one environment; each can be killed and restarted."""
@@ -39,6 +48,8 @@ class ServiceProcesses:
     env: dict[str, str]
     log_dir: Path
     addresses: dict[str, str] = field(default_factory=dict)
+    metrics_addresses: dict[str, str] = field(default_factory=dict)
+    """Where each service serves /metrics (NUDGE_<SERVICE>_METRICS_ADDR)."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _terminated: set[str] = field(default_factory=set)
 
@@ -53,7 +64,9 @@ class ServiceProcesses:
         extra_env: Mapping[str, str] | None = None,
     ) -> ServiceProcesses:
         """Pick free ports and build the environment (nothing starts yet)."""
-        addresses = {name: f"127.0.0.1:{free_port()}" for name in SERVICES}
+        ports = iter(_distinct_free_ports(2 * len(SERVICES) + 1))
+        addresses = {name: f"127.0.0.1:{next(ports)}" for name in SERVICES}
+        metrics_addresses = {name: f"127.0.0.1:{next(ports)}" for name in SERVICES}
         env = {
             **os.environ,
             "DATABASE_URL": database_url,
@@ -64,11 +77,17 @@ class ServiceProcesses:
             "NUDGE_WEBHOOK_ALLOW_HOSTS": "127.0.0.1,localhost",
             "PYTHONPATH": f"{ROOT / 'libs'}{os.pathsep}{ROOT}",
             **{f"NUDGE_{name.upper()}_ADDR": address for name, address in addresses.items()},
-            "NUDGE_DISPATCH_HTTP_ADDR": f"127.0.0.1:{free_port()}",  # the unsubscribe endpoint
+            **{
+                f"NUDGE_{name.upper()}_METRICS_ADDR": address
+                for name, address in metrics_addresses.items()
+            },
+            "NUDGE_DISPATCH_HTTP_ADDR": f"127.0.0.1:{next(ports)}",  # the unsubscribe endpoint
             **(extra_env or {}),
         }
         log_dir.mkdir(parents=True, exist_ok=True)
-        return cls(env=env, log_dir=log_dir, addresses=addresses)
+        return cls(
+            env=env, log_dir=log_dir, addresses=addresses, metrics_addresses=metrics_addresses
+        )
 
     def start(self, name: str) -> None:
         """Start one service process (its output goes to <log_dir>/<name>.log)."""
