@@ -202,6 +202,11 @@ async def append(conn: Conn, events: Sequence[NewEvent]) -> set[tuple[str, str]]
     """
     if not events:
         return set()
+    # Take the transaction id BEFORE stamping received_at: then every event received at or
+    # before T belongs to a transaction whose xid was assigned before T, so a timer that fires
+    # at T with snapshot s and waits for the projection to pass pg_snapshot_xmax(s) sees it
+    # (RELIABILITY.md P4), with no safety margin on the fire time.
+    await conn.execute("SELECT pg_current_xact_id()")
     rows = await conn.fetch(
         _APPEND_SQL,
         [e.workspace_id for e in events],

@@ -318,16 +318,15 @@ def _decision_row(decision: Decision) -> store.DecisionRow:
     )
 
 
-DEFAULT_FIRE_MARGIN = timedelta(seconds=5)
+DEFAULT_FIRE_MARGIN = timedelta(0)
 """How long after an instance's due time its timer fires (`NUDGE_RULES_FIRE_MARGIN_S`).
 
 The fire-time re-check must see every event *received* before the due time (RELIABILITY.md
 P4). The timer's snapshot xmax covers every transaction that had an xid when it fired, and the
-handler waits until the projection has applied all of them; but ingest stamps `received_at`
-inside its INSERT a moment before the transaction gets its xid, so an event stamped just
-before the due time could still lack an xid at the exact due time. Firing `margin` later
-closes that window as long as no ingest statement spends longer than `margin` between the two
-(lock_timeout is 5 s)."""
+handler waits until the projection has applied all of them. `nudge.eventstore.append` takes
+its transaction id before stamping `received_at`, so an event received before the due time
+always has an xid below that xmax and no margin is needed; a margin remains configurable for
+writers that do not follow that order."""
 
 
 class Planner:

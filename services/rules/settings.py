@@ -35,5 +35,5 @@ class Settings:
             scheduler_address=env_address("NUDGE_SCHEDULER_ADDR", "127.0.0.1:50053", env),
             batch_size=env_int("NUDGE_RULES_BATCH", 1000, env),
             ack_wait_s=env_float("NUDGE_RULES_ACK_WAIT_S", 60.0, env),
-            fire_margin_s=env_float("NUDGE_RULES_FIRE_MARGIN_S", 5.0, env),
+            fire_margin_s=env_float("NUDGE_RULES_FIRE_MARGIN_S", 0.0, env),
         )
