@@ -17,8 +17,9 @@ converted (docs/experiments.md says which conversions count).
 - Verdict: better / worse only when the adjusted p-value is below alpha AND the data pass a
   minimum (users per arm, conversions in the comparison); "no difference" only when the sample
   had 80% power to detect the minimum effect; otherwise "not enough data yet", with the users
-  per arm still needed from the standard sample-size formula (Fleiss, Levin & Paik 2003, 4.14,
-  without continuity correction).
+  per arm still needed from the standard sample-size formula for two proportions (Fleiss,
+  Levin & Paik, "Statistical Methods for Rates and Proportions", without continuity
+  correction).
 
 The minimum conversions are counted over the comparison (both arms together), not per arm: a
 variant that stops conversions altogether (a broken link) never reaches a per-arm minimum, yet

@@ -57,7 +57,7 @@ conversion:
 
 USERS = [f"user-{n}" for n in range(100_000)]
 
-# Upper 0.1% points of the chi-square distribution (Pearson & Hartley, Table 8).
+# Upper 0.1% points of the chi-square distribution by degrees of freedom.
 CHI2_CRITICAL_0_001 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467}
 
 

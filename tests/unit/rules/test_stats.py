@@ -188,8 +188,8 @@ def _power(p1: float, p2: float, n: int, alpha: float = 0.05) -> float:
 
 
 def test_sample_size_matches_the_textbook_value() -> None:
-    # 10% vs 15%, alpha 0.05 two-sided, power 0.8: 686 per group (Fleiss, Levin & Paik,
-    # without continuity correction; G*Power gives the same).
+    # 10% vs 15%, alpha 0.05 two-sided, power 0.8: 686 per group (Fleiss, Levin & Paik's
+    # formula without continuity correction; 685.6 rounded up).
     assert sample_size_per_arm(0.10, 0.15) == 686
     assert sample_size_per_arm(0.15, 0.10) == 686
 
