@@ -10,9 +10,13 @@ from datetime import UTC, datetime
 
 from opentelemetry import trace
 
+WORKSPACE_ATTRIBUTE = "nudge.workspace_id"
+"""Span attribute naming the workspace an operation works for; logs inside it carry it too."""
+
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line with service and the current trace/span ids."""
+    """One JSON object per line with service, the current trace/span ids and the workspace of
+    the current span (its `nudge.workspace_id` attribute) when it has one."""
 
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -27,10 +31,14 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        span = trace.get_current_span().get_span_context()
+        current = trace.get_current_span()
+        span = current.get_span_context()
         if span.is_valid:
             entry["trace_id"] = format(span.trace_id, "032x")
             entry["span_id"] = format(span.span_id, "016x")
+        workspace = (getattr(current, "attributes", None) or {}).get(WORKSPACE_ATTRIBUTE)
+        if workspace:
+            entry["workspace"] = workspace
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

@@ -7,12 +7,14 @@ from datetime import datetime
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 
 from nudge import metrics
 from nudge.auth import KeyVerifier
 from nudge.eventstore import NewEvent
 from nudge.grpcserver import InvalidArgumentError, ResourceExhaustedError, bearer, maps_errors
 from nudge.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from nudge.logs import WORKSPACE_ATTRIBUTE
 from nudge.protoconv import struct_to_dict, timestamp_or_none
 from nudge.telemetry import current_traceparent
 from services.ingest.application import GroupCommitter, Outcome, RateLimiter
@@ -56,6 +58,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         """Append a batch of events."""
         principal = await self._verifier.verify(bearer(context))
         principal.require("track")
+        trace.get_current_span().set_attribute(WORKSPACE_ATTRIBUTE, principal.workspace_id)
         count = len(request.events)
         if count == 0:
             raise InvalidArgumentError("at least one event is required", "events")
@@ -110,6 +113,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         """Record user traits as an `$identify` event."""
         principal = await self._verifier.verify(bearer(context))
         principal.require("track")
+        trace.get_current_span().set_attribute(WORKSPACE_ATTRIBUTE, principal.workspace_id)
         self._admit(principal.workspace_id, 1)
         now: datetime = await self._clock()
         event_id = request.event_id or f"identify-{uuid.uuid4()}"

@@ -20,6 +20,7 @@ from nudge import eventstore, metrics, telemetry
 from nudge.bus import BusNames, trace_headers
 from nudge.eventstore import Cursor, StoredEvent
 from nudge.ingest.v1 import ingest_pb2
+from nudge.logs import WORKSPACE_ATTRIBUTE
 from nudge.runtime import sleep_or_wake
 
 log = logging.getLogger("nudge.relay")
@@ -204,6 +205,9 @@ class Relay:
         # Linked to the trace of every event it carries (their traceparent from ingest).
         causes = (telemetry.span_context_of(e.metadata.get("traceparent")) for e in events)
         with telemetry.producer_span(
-            subject, msg_id, causes=causes, attributes={"nudge.events": len(events)}
+            subject,
+            msg_id,
+            causes=causes,
+            attributes={"nudge.events": len(events), WORKSPACE_ATTRIBUTE: workspace_id},
         ):
             await self._js.publish(subject, payload, headers=trace_headers(msg_id))

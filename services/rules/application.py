@@ -24,6 +24,7 @@ from nudge.db import Conn, Queryable, db_now
 from nudge.dispatch.v1 import dispatch_pb2
 from nudge.eventstore import StoredEvent
 from nudge.grpcserver import InvalidArgumentError, NotFoundError
+from nudge.logs import WORKSPACE_ATTRIBUTE
 from nudge.protoconv import dict_to_struct, to_timestamp
 from nudge.scheduler.v1 import scheduler_pb2
 from services.rules import store
@@ -515,7 +516,10 @@ class Projector:
                 with telemetry.continued_span(
                     "evaluate campaigns",
                     self._traceparents.get(event.global_position),
-                    attributes={"nudge.campaigns": len(campaigns)},
+                    attributes={
+                        "nudge.campaigns": len(campaigns),
+                        WORKSPACE_ATTRIBUTE: event.workspace_id,
+                    },
                 ):
                     self._cancel(event, state, cancelling, members, effects)
                     self._evaluate(event, before, state, campaigns, members, effects)

@@ -15,6 +15,7 @@ from nats.js.api import PubAck
 
 from nudge import db, metrics, telemetry
 from nudge.bus import BusNames, trace_headers
+from nudge.logs import WORKSPACE_ATTRIBUTE
 from nudge.runtime import sleep_or_wake
 from services.scheduler import store
 from services.scheduler.domain import Timer, TimerRequest, TimerState, seconds_to_sleep
@@ -194,7 +195,11 @@ class FiringLoop:
             timer.msg_id,
             causes=[telemetry.span_context_of(timer.traceparent)],
             new_trace=True,
-            attributes={"nudge.timer_id": str(timer.timer_id), "nudge.topic": timer.topic},
+            attributes={
+                "nudge.timer_id": str(timer.timer_id),
+                "nudge.topic": timer.topic,
+                WORKSPACE_ATTRIBUTE: timer.workspace_id,
+            },
         ):
             return trace_headers(timer.msg_id)
 

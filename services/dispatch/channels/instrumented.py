@@ -16,6 +16,7 @@ from typing import Any
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from nudge import metrics, telemetry
+from nudge.logs import WORKSPACE_ATTRIBUTE
 from services.dispatch.channels.base import (
     AmbiguousChannelError,
     Channel,
@@ -50,7 +51,11 @@ class InstrumentedChannel:
         with telemetry.tracer().start_as_current_span(
             _SPAN_NAMES.get(self.name, f"{self.name} send"),
             kind=SpanKind.CLIENT,
-            attributes={"nudge.channel": self.name, "nudge.send_id": msg.send_id},
+            attributes={
+                "nudge.channel": self.name,
+                "nudge.send_id": msg.send_id,
+                WORKSPACE_ATTRIBUTE: msg.workspace_id,
+            },
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
