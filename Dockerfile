@@ -31,7 +31,8 @@ COPY --from=build /wheels /wheels
 RUN pip install /wheels/*.whl && rm -rf /wheels
 USER nudge:nudge
 WORKDIR /home/nudge
-# ingest, rules, scheduler, dispatch (bind with NUDGE_<SERVICE>_ADDR=0.0.0.0:<port>)
-EXPOSE 50051 50052 50053 50054
+# ingest, rules, scheduler, dispatch gRPC (NUDGE_<SERVICE>_ADDR=0.0.0.0:<port>), their /metrics
+# (NUDGE_<SERVICE>_METRICS_ADDR=0.0.0.0:9101..9104) and dispatch's unsubscribe endpoint
+EXPOSE 50051 50052 50053 50054 9101 9102 9103 9104 50055
 # No ENTRYPOINT: compose passes whole commands (`python -m services.ingest`, `nudge migrate`).
 CMD ["nudge", "--help"]

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest -p nudge.testing.fixtures
 
-.PHONY: all install protos check-protos lint format test test-unit test-integration test-e2e demo bench up clean
+.PHONY: all install protos check-protos breaking lint format test test-unit test-integration test-e2e demo bench up clean
 
 all: test
 
@@ -28,7 +28,19 @@ lint: $(STAMP) check-protos
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy libs services tests scripts
 	cd protos && ../$(BIN)/buf lint
+	$(MAKE) --no-print-directory breaking
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+
+# Protos stay compatible within a vN package (docs/operations.md): protos/ as it is now against
+# the same directory on `main` (BREAKING_AGAINST=<git ref>, e.g. HEAD~1, for another baseline).
+# Skipped, with a note, where that ref does not exist (a CI checkout without the branch).
+BREAKING_AGAINST ?= main
+
+breaking: $(STAMP)
+	@if git rev-parse --verify -q '$(BREAKING_AGAINST)^{commit}' >/dev/null; then \
+		cd protos && ../$(BIN)/buf breaking --against '../.git#ref=$(BREAKING_AGAINST),subdir=protos' \
+		&& echo "buf breaking: protos/ compatible with $(BREAKING_AGAINST)"; \
+	else echo "buf breaking: skipped (no git ref '$(BREAKING_AGAINST)' here)"; fi
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
