@@ -439,14 +439,10 @@ class Projector:
     async def apply_once(self) -> int:
         """Apply the next batch; return how many events it had."""
         async with self._pool.acquire() as conn, conn.transaction():
-            # Replicas take turns: the checkpoint row lock serializes batches.
-            await conn.execute(
-                "INSERT INTO reader_checkpoints (reader) VALUES ($1) ON CONFLICT DO NOTHING",
-                READER,
-            )
-            await conn.execute(
-                "SELECT 1 FROM reader_checkpoints WHERE reader = $1 FOR UPDATE", READER
-            )
+            # Replicas take turns under an advisory lock. Unlike a row lock it assigns no
+            # transaction id, and every gap-free reader (the relay too) waits behind the oldest
+            # open xid: the batch should hold one only from its first write to its commit.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"reader:{READER}")
             cursor = await eventstore.load_checkpoint(conn, READER)
             result = await eventstore.read_batch(conn, cursor, self._batch_size)
             if not result.events:
