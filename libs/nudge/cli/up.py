@@ -217,6 +217,8 @@ class UpSettings:
     addresses: Mapping[str, str]
     metrics_addresses: Mapping[str, str | None]
     """``/metrics`` listen address per service (None: disabled with ``off``)."""
+    metrics_configured: frozenset[str]
+    """Services whose metrics address was set explicitly (never replaced when busy)."""
     services: tuple[str, ...]
     production: bool
 
@@ -244,6 +246,9 @@ class UpSettings:
             webhook_secret=environ.get("NUDGE_WEBHOOK_SECRET") or None,
             addresses={name: service_address(environ, name) for name in SERVICES},
             metrics_addresses=_metrics_addresses(environ),
+            metrics_configured=frozenset(
+                name for name in SERVICES if environ.get(f"NUDGE_{name.upper()}_METRICS_ADDR")
+            ),
             services=tuple(name for name in SERVICES if name not in skip),
             production=is_production(dict(environ)),
         )
@@ -446,6 +451,9 @@ class Stack:
             env.setdefault("NUDGE_WEBHOOK_ALLOW_HOSTS", DEV_WEBHOOK_ALLOW_HOSTS)
         env.setdefault("NUDGE_LOG_FORMAT", "text")
         env.pop(STATE_DIR_ENV, None)
+        # One OTEL_SERVICE_NAME for all four would merge them in the trace viewer: each names
+        # itself nudge-<service> (the other OTEL_* variables pass through).
+        env.pop("OTEL_SERVICE_NAME", None)
         return env
 
     def _metrics_env(self) -> dict[str, str]:
@@ -460,7 +468,8 @@ class Stack:
                 env[variable] = "off"
                 continue
             host, _, port = address.rpartition(":")
-            if not os.environ.get(variable) and not port_is_free(int(port), host):
+            configured = name in self.settings.metrics_configured
+            if not configured and not port_is_free(int(port), host):
                 busy, address = address, f"{host}:{free_port()}"
                 say(f"metrics port {busy} is busy; {name} will serve metrics on {address}")
             env[variable] = address
