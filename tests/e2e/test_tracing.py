@@ -21,7 +21,7 @@ from nudge.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from nudge.protoconv import dict_to_struct
 from nudge.rules.v1 import rules_pb2, rules_pb2_grpc
 from nudge.testing.fixtures import run_async
-from nudge.testing.otlp import OtlpReceiver, ReceivedSpan
+from nudge.testing.otlp import OtlpReceiver, ReceivedSpan, describe
 from nudge.testing.services import ServiceProcesses
 from nudge.testing.sinks import SmtpSink
 from tests.e2e.conftest import _make_key
@@ -104,9 +104,23 @@ async def _identify(stack: TracedStack) -> None:
         )
 
 
-def _one(spans: list[ReceivedSpan], service: str, kind: str, name: str) -> ReceivedSpan:
-    found = [s for s in spans if s.service == service and s.kind == kind and s.name == name]
-    assert len(found) == 1, f"expected one {service} {kind} {name!r}, found {len(found)}"
+def _one(receiver: OtlpReceiver, trace_id: str, service: str, kind: str, name: str) -> ReceivedSpan:
+    """The one span of `trace_id` with that service, kind and name (waiting for its export:
+    a span is exported when it ends, which can be after the spans it caused)."""
+
+    def matches(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [
+            s
+            for s in spans
+            if s.trace_id == trace_id and s.service == service and s.kind == kind and s.name == name
+        ]
+
+    spans = receiver.wait_for(lambda spans: bool(matches(spans)), timeout_s=20)
+    found = matches(spans)
+    assert len(found) == 1, (
+        f"expected one {service} {kind} {name!r}, found {len(found)} in\n"
+        f"{describe(receiver.trace(trace_id))}"
+    )
     return found[0]
 
 
@@ -145,26 +159,28 @@ def test_one_trace_from_track_to_smtp_and_a_delayed_send_links_back(
 
     receiver.wait_for(immediate_chain_complete, timeout_s=30)
     spans = receiver.trace(trace_id)
-    track = _one(spans, "nudge-ingest", "SERVER", "/nudge.ingest.v1.IngestService/Track")
+    track = _one(
+        receiver, trace_id, "nudge-ingest", "SERVER", "/nudge.ingest.v1.IngestService/Track"
+    )
     assert track.parent_span_id == client_span_id
-    append = _one(spans, "nudge-ingest", "INTERNAL", "append events")
+    append = _one(receiver, trace_id, "nudge-ingest", "INTERNAL", "append events")
     assert append.parent_span_id == track.span_id
     assert any(
         s.service == "nudge-ingest" and s.kind == "CLIENT" and s.parent_span_id == append.span_id
         for s in spans
     ), "the event-store INSERT is a child of the append"
-    evaluate = _one(spans, "nudge-rules", "INTERNAL", "evaluate campaigns")
+    evaluate = _one(receiver, trace_id, "nudge-rules", "INTERNAL", "evaluate campaigns")
     assert evaluate.parent_span_id == track.span_id
     send_name = f"send {prefix}.dispatch.{workspace}.email"
     process_name = f"process {prefix}.dispatch.{workspace}.email"
-    produce = _one(spans, "nudge-rules", "PRODUCER", send_name)
+    produce = _one(receiver, trace_id, "nudge-rules", "PRODUCER", send_name)
     assert produce.parent_span_id == evaluate.span_id
     assert produce.attributes["messaging.system"] == "nats"
-    consume = _one(spans, "nudge-dispatch", "CONSUMER", process_name)
+    consume = _one(receiver, trace_id, "nudge-dispatch", "CONSUMER", process_name)
     assert consume.parent_span_id == produce.span_id
     assert consume.linked_to(produce)
     assert consume.attributes["messaging.consumer.group.name"] == "dispatch"
-    smtp = _one(spans, "nudge-dispatch", "CLIENT", "smtp send")
+    smtp = _one(receiver, trace_id, "nudge-dispatch", "CLIENT", "smtp send")
     assert smtp.trace_id == trace_id
     assert {s.service for s in spans} >= {"nudge-ingest", "nudge-rules", "nudge-dispatch"}
 
@@ -211,7 +227,8 @@ def test_one_trace_from_track_to_smtp_and_a_delayed_send_links_back(
         timeout_s=20,
     )
     armed = _one(
-        receiver.trace(arming_trace),
+        receiver,
+        arming_trace,
         "nudge-scheduler",
         "SERVER",
         "/nudge.scheduler.v1.SchedulerService/Schedule",
@@ -231,13 +248,14 @@ def test_one_trace_from_track_to_smtp_and_a_delayed_send_links_back(
     assert fire.name == f"send {prefix}.timers.rules"
     assert fire.trace_id != arming_trace
     assert fire.parent_span_id == ""  # a new trace, not a days-long one
-    fired = receiver.trace(fire.trace_id)
-    handled = _one(fired, "nudge-rules", "CONSUMER", f"process {prefix}.timers.rules")
+    handled = _one(
+        receiver, fire.trace_id, "nudge-rules", "CONSUMER", f"process {prefix}.timers.rules"
+    )
     assert handled.parent_span_id == fire.span_id
     assert handled.linked_to(fire)
-    _one(fired, "nudge-rules", "PRODUCER", send_name)
-    _one(fired, "nudge-dispatch", "CONSUMER", process_name)
-    _one(fired, "nudge-dispatch", "CLIENT", "smtp send")
+    _one(receiver, fire.trace_id, "nudge-rules", "PRODUCER", send_name)
+    _one(receiver, fire.trace_id, "nudge-dispatch", "CONSUMER", process_name)
+    _one(receiver, fire.trace_id, "nudge-dispatch", "CLIENT", "smtp send")
     assert len(traced.smtp.wait_for(2, 10)) == 2
 
     # No PII in any span: no address, no name, no rendered text.

@@ -156,13 +156,18 @@ class OtlpReceiver:
                 if remaining <= 0:
                     raise AssertionError(
                         f"spans not as expected after {timeout_s}s; received:\n"
-                        + "\n".join(_describe(self._spans))
+                        + describe(self._spans)
                     )
                 self._changed.wait(min(remaining, 0.5))
             return list(self._spans)
 
 
-def _describe(spans: list[ReceivedSpan]) -> Iterator[str]:
+def describe(spans: list[ReceivedSpan]) -> str:
+    """One line per span: trace, span<-parent, service, kind, name and links (ids shortened)."""
+    return "\n".join(_lines(spans))
+
+
+def _lines(spans: list[ReceivedSpan]) -> Iterator[str]:
     for span in spans:
         links = ",".join(f"{t[:8]}/{s[:8]}" for t, s in span.links)
         yield (
