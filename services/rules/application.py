@@ -330,6 +330,17 @@ always has an xid below that xmax and no margin is needed; a margin remains conf
 writers that do not follow that order."""
 
 
+def decision_time(state: UserState) -> datetime:
+    """The time a decision about this user's latest event is made at.
+
+    Not the event's own `received_at`: concurrent group commits stamp `received_at` in an order
+    that can differ from commit order, so a user's events can reach the projection with times
+    going backwards, and a decision could then be judged against a send stamped "later" (a
+    second order found not re-eligible after 0 s). The newest time the user's state has seen is
+    monotonic per user and, like everything the projection does, the same on replay."""
+    return state.newest_received_at
+
+
 class Planner:
     """Turns triggered decisions into instances, timers and send requests."""
 
@@ -542,7 +553,7 @@ class Projector:
                 campaign = self._cache.compiled(event.workspace_id, campaign_id, instance.version)
                 if campaign is None:
                     continue
-                decision = decide_exception(campaign, event, pending, state, event.received_at)
+                decision = decide_exception(campaign, event, pending, state, decision_time(state))
                 if decision is None:
                     continue
                 effects.decisions.append(_decision_row(decision))
@@ -566,7 +577,7 @@ class Projector:
     ) -> None:
         if not campaigns:
             return
-        now = event.received_at
+        now = decision_time(state)
         context = EvaluationContext.for_campaigns(
             event, state, now, [live.compiled for live in campaigns]
         )
@@ -661,7 +672,7 @@ class Projector:
         instance: store.Instance,
         effects: _Effects,
     ) -> None:
-        now = event.received_at
+        now = decision_time(state)
         decision = decide_at_fire(
             campaign, event, state, member.membership(), now, instance=UUID(instance.instance_id)
         )

@@ -433,3 +433,33 @@ async def test_a_changed_definition_becomes_version_two_and_new_triggers_use_it(
     [item] = await rules.outbox()
     assert item["msg_id"] == str(send_id(rules.workspace_id, CAMPAIGN, 2, "u1", "o1", "email"))
     assert dispatch_pb2.SendRequest.FromString(item["payload"]).campaign_version == 2
+
+
+async def test_orders_whose_received_times_run_backwards_in_commit_order_are_each_sent(
+    rules: Rules, database_url: str
+) -> None:
+    # Reader order follows transaction ids, and a transaction can take its id before another
+    # yet stamp received_at after it: the projection then sees o-late, then o-early.
+    await rules.apply_campaign(order_shipped_campaign())
+    await rules.append(rules.identify("id-1", "u1", email="ada@example.test"))
+    slow = await db.connect(database_url)
+    try:
+        async with slow.transaction():
+            await slow.execute("SELECT pg_current_xact_id()")
+            await rules.append(rules.shipped("o-early", "u1", 30))
+            await slow.execute("SELECT pg_sleep(0.01)")
+            await eventstore.append(slow, [rules.shipped("o-late", "u1", 30)])
+    finally:
+        await slow.close()
+    order = await rules.pool.fetch(
+        "SELECT event_id, received_at FROM events WHERE name = 'order_shipped'"
+        " ORDER BY tx_id, global_position"
+    )
+    assert [r["event_id"] for r in order] == ["o-late", "o-early"]
+    assert order[0]["received_at"] > order[1]["received_at"]
+
+    await rules.project()
+
+    kinds = [kind for _, campaign_id, kind in await rules.decisions("u1") if campaign_id]
+    assert kinds == ["triggered", "send_planned", "triggered", "send_planned"]
+    assert len(await rules.outbox()) == 2
