@@ -182,7 +182,8 @@ class FiringLoop:
                     headers=self._headers(timer),
                 )
                 acks.append(ack)
-            results = await asyncio.wait_for(asyncio.gather(*acks), timeout=self._publish_timeout_s)
+            async with asyncio.timeout(self._publish_timeout_s):
+                results = await asyncio.gather(*acks)
         finally:
             _discard_unfinished(acks)
         self.duplicates += sum(1 for result in results if result.duplicate)
