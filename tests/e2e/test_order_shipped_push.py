@@ -1,0 +1,84 @@
+"""The order-shipped use case as a push: action trigger + property filter + personalization,
+delivered to a real HTTP/2 FCM peer and to a real APNs peer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nudge.testing.fixtures import run_async
+from nudge.testing.provider_peers import APNS, FCM, ProviderPeers
+from nudge.testing.services import ServiceProcesses
+from nudge.testing.sinks import HttpSink, SmtpSink
+from tests.e2e.conftest import Stack, _make_key
+from tests.e2e.test_walking_skeleton import _apply, _event, _identify, _track
+
+pytestmark = pytest.mark.e2e
+APNS_TOKEN = "ab" * 32
+
+
+@pytest.fixture
+def peers() -> Iterator[ProviderPeers]:
+    with ProviderPeers() as running:
+        yield running
+
+
+@pytest.fixture
+def push_stack(
+    database_url: str,
+    nats_url: str,
+    test_id: str,
+    tmp_path: Path,
+    smtp_sink: SmtpSink,
+    http_sink: HttpSink,
+    peers: ProviderPeers,
+) -> Iterator[Stack]:
+    workspace_id = f"ws-{test_id}"
+    api_key = run_async(_make_key(database_url, workspace_id))
+    services = ServiceProcesses.configure(
+        database_url=database_url,
+        nats_url=nats_url,
+        nats_prefix=f"t{test_id}",
+        log_dir=tmp_path / "logs",
+        extra_env={"NUDGE_SMTP_URL": smtp_sink.url, **peers.env()},
+    )
+    try:
+        services.start_all()
+        yield Stack(services, api_key, workspace_id, database_url, smtp_sink, http_sink)
+    finally:
+        services.stop_all()
+
+
+async def test_order_shipped_push_reaches_fcm_and_apns_only_for_orders_over_20(
+    push_stack: Stack, peers: ProviderPeers
+) -> None:
+    stack = push_stack
+    await _apply(stack, "order-shipped-push.yaml")
+    await _identify(stack, "ada", {"first_name": "Ada", "push_token": "fcm-token-ada"})
+    await _identify(stack, "tim", {"push_token": APNS_TOKEN})
+    await _track(
+        stack,
+        _event("ada", "order_shipped", order_id="A-1", total=42, eta="Monday"),
+        _event("ada", "order_shipped", order_id="A-2", total=5, eta="never"),
+        _event("tim", "order_shipped", order_id="T-1", total=99, eta="Friday"),
+    )
+
+    received = await asyncio.to_thread(peers.wait_for, 2, None, 20.0)
+    [fcm] = [r for r in received if r.provider == FCM]
+    [apns] = [r for r in received if r.provider == APNS]
+    assert fcm.json()["message"]["token"] == "fcm-token-ada"
+    assert fcm.json()["message"]["notification"] == {
+        "title": "Order A-1 shipped",
+        "body": "Hi Ada, it arrives Monday.",
+    }
+    assert apns.http_version == "2"
+    assert apns.path == f"/3/device/{APNS_TOKEN}"
+    assert apns.json()["aps"]["alert"] == {
+        "title": "Order T-1 shipped",
+        "body": "Hi there, it arrives Friday.",
+    }
+    await asyncio.sleep(1.0)
+    assert len(peers.requests()) == 2
