@@ -77,8 +77,11 @@ class CampaignCache:
 
     def __init__(self) -> None:
         self._generation: tuple[int, datetime | None] | None = None
-        self._by_event: dict[tuple[str, str], list[LiveCampaign]] = {}
-        self._any_event: dict[str, list[LiveCampaign]] = {}
+        # Every version of a campaign, oldest first, indexed by the event names that can start
+        # any of them: an event is evaluated against the version current when it was RECEIVED,
+        # so a projection that lags behind an edit neither drops nor re-routes its events.
+        self._by_event: dict[tuple[str, str], list[tuple[LiveCampaign, ...]]] = {}
+        self._any_event: dict[str, list[tuple[LiveCampaign, ...]]] = {}
         self._exceptions: dict[tuple[str, str], frozenset[str]] = {}
         self._versions: dict[tuple[str, str, int], CompiledCampaign] = {}
 
@@ -87,19 +90,26 @@ class CampaignCache:
         generation = await store.campaigns_generation(conn)
         if generation == self._generation:
             return
-        by_event: dict[tuple[str, str], list[LiveCampaign]] = {}
-        any_event: dict[str, list[LiveCampaign]] = {}
-        for version in await store.current_campaigns(conn):
-            compiled = self._compile(version)
-            live = LiveCampaign(compiled, version.status, version.created_at)
-            names = compiled.trigger_event_names
-            if names is None:
-                any_event.setdefault(version.workspace_id, []).append(live)
-                continue
-            for name in sorted(names):
-                by_event.setdefault((version.workspace_id, name), []).append(live)
+        all_versions = await store.all_campaign_versions(conn)
+        histories: dict[tuple[str, str], list[LiveCampaign]] = {}
+        for version in all_versions:
+            live = LiveCampaign(self._compile(version), version.status, version.created_at)
+            histories.setdefault((version.workspace_id, version.campaign_id), []).append(live)
+        by_event: dict[tuple[str, str], list[tuple[LiveCampaign, ...]]] = {}
+        any_event: dict[str, list[tuple[LiveCampaign, ...]]] = {}
+        for (workspace_id, _), lives in sorted(histories.items()):
+            history = tuple(sorted(lives, key=lambda live: live.compiled.version))
+            names: set[str] = set()
+            for live in history:
+                if live.compiled.trigger_event_names is None:
+                    any_event.setdefault(workspace_id, []).append(history)
+                    break
+                names |= live.compiled.trigger_event_names
+            else:
+                for name in sorted(names):
+                    by_event.setdefault((workspace_id, name), []).append(history)
         exceptions: dict[tuple[str, str], set[str]] = {}
-        for version in await store.all_campaign_versions(conn):
+        for version in all_versions:
             compiled = self._compile(version)
             for rule in compiled.definition.exceptions:
                 exceptions.setdefault((version.workspace_id, rule.event), set()).add(
@@ -110,16 +120,35 @@ class CampaignCache:
         self._exceptions = {key: frozenset(ids) for key, ids in exceptions.items()}
         self._generation = generation
 
-    def for_event(self, workspace_id: str, event_name: str) -> Sequence[LiveCampaign]:
-        """Current campaigns this event may start (its trigger event, or a threshold it may
-        change), ordered by campaign id."""
-        named = self._by_event.get((workspace_id, event_name), ())
-        wide = self._any_event.get(workspace_id, ())
-        if not wide:
-            return named
-        if not named:
-            return wide
-        return sorted([*named, *wide], key=lambda live: live.compiled.definition.id)
+    def may_start(self, workspace_id: str, event_name: str) -> bool:
+        """Whether some version of some campaign may be started by this event."""
+        return bool(
+            self._by_event.get((workspace_id, event_name)) or self._any_event.get(workspace_id)
+        )
+
+    def for_event(
+        self, workspace_id: str, event_name: str, received_at: datetime
+    ) -> list[LiveCampaign]:
+        """The campaigns this event may start (its trigger event, or a threshold it may change),
+        each in the version that was current when the event was received, ordered by campaign
+        id. Campaigns created after the event was received are left out."""
+        histories = [
+            *self._by_event.get((workspace_id, event_name), ()),
+            *self._any_event.get(workspace_id, ()),
+        ]
+        found: list[LiveCampaign] = []
+        for history in histories:
+            effective = None
+            for live in history:
+                if live.created_at <= received_at:
+                    effective = live
+            if effective is None:
+                continue
+            names = effective.compiled.trigger_event_names
+            if names is None or event_name in names:
+                found.append(effective)
+        found.sort(key=lambda live: live.compiled.definition.id)
+        return found
 
     def cancelled_by(self, workspace_id: str, event_name: str) -> frozenset[str]:
         """Ids of campaigns with an exception rule (in any version) naming this event."""
@@ -501,7 +530,7 @@ class Projector:
         involved = {
             (e.workspace_id, e.user_id)
             for e in events
-            if self._cache.for_event(e.workspace_id, e.name)
+            if self._cache.may_start(e.workspace_id, e.name)
             or self._cache.cancelled_by(e.workspace_id, e.name)
         }
         members = await load_members(conn, involved, lock=True) if involved else {}
@@ -513,11 +542,7 @@ class Projector:
             state = evolve(before, event)
             states[key] = state
             positions[key] = event.global_position
-            campaigns = [
-                live
-                for live in self._cache.for_event(event.workspace_id, event.name)
-                if event.received_at >= live.created_at
-            ]
+            campaigns = self._cache.for_event(event.workspace_id, event.name, event.received_at)
             cancelling = self._cache.cancelled_by(event.workspace_id, event.name)
             if campaigns or cancelling:
                 with telemetry.continued_span(

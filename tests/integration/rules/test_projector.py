@@ -463,3 +463,20 @@ async def test_orders_whose_received_times_run_backwards_in_commit_order_are_eac
     kinds = [kind for _, campaign_id, kind in await rules.decisions("u1") if campaign_id]
     assert kinds == ["triggered", "send_planned", "triggered", "send_planned"]
     assert len(await rules.outbox()) == 2
+
+
+async def test_an_event_received_before_an_edit_but_projected_after_uses_the_old_version(
+    rules: Rules,
+) -> None:
+    await rules.apply_campaign(order_shipped_campaign())
+    await rules.append(
+        rules.identify("id-1", "u1", email="ada@example.test"), rules.shipped("o1", "u1", 30)
+    )
+    # The projection lags: version 2 is applied before it reads o1.
+    await rules.apply_campaign(order_shipped_campaign(name="Order shipped, v2"))
+    await rules.append(rules.shipped("o2", "u1", 30))
+
+    await rules.project()
+
+    sends = [dispatch_pb2.SendRequest.FromString(row["payload"]) for row in await rules.outbox()]
+    assert [(r.trigger_event_id, r.campaign_version) for r in sends] == [("o1", 1), ("o2", 2)]
