@@ -48,6 +48,7 @@ from nudge.dispatch.v1 import dispatch_pb2, dispatch_pb2_grpc
 from nudge.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from nudge.protoconv import dict_to_struct
 from nudge.testing.sinks import HttpSink, ReceivedMail, ReceivedRequest, SmtpSink
+from services.dispatch.channels.webhook import workspace_secret
 
 REPO = Path(__file__).resolve().parents[1]
 CAMPAIGNS = REPO / "examples" / "campaigns"
@@ -807,7 +808,8 @@ def run(work_dir: Path) -> bool:
             deadline = tracked_at + DELIVERY_TIMEOUT_S
             wait_deliveries(smtp, http, deadline)
             mails, hooks = smtp.messages, http.requests
-            secret = (state_dir / "webhook-secret").read_text(encoding="utf-8").strip()
+            master = (state_dir / "webhook-secret").read_text(encoding="utf-8").strip()
+            secret = workspace_secret(master, "dev")  # what `nudge webhooks secret` prints
             check_deliveries(mails, hooks, secret)
             show_deliveries(mails, hooks, secret)
 

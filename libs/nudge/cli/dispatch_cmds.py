@@ -29,6 +29,7 @@ from nudge.cli.common import (
     format_table,
     parse_json_object,
     service_address,
+    state_dir,
 )
 from nudge.cli.health import describe_rpc_error
 from nudge.dispatch.v1 import dispatch_pb2, dispatch_pb2_grpc
@@ -276,8 +277,29 @@ def run_preview(args: argparse.Namespace) -> int:
 # argument parsers
 
 
+def run_webhook_secret(args: argparse.Namespace) -> int:
+    """`nudge webhooks secret --workspace W`: the secret W's webhook receivers verify with."""
+    from services.dispatch.channels.webhook import workspace_secret
+
+    env = cli_env()
+    master = env.get("NUDGE_WEBHOOK_SECRET")
+    if not master:
+        path = state_dir() / "webhook-secret"
+        try:
+            master = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise CliError(
+                "NUDGE_WEBHOOK_SECRET is not set and no webhook-secret in the state directory"
+            ) from None
+    try:
+        print(workspace_secret(master, args.workspace))
+    except ValueError as error:
+        raise CliError(f"NUDGE_WEBHOOK_SECRET: {error}") from None
+    return EXIT_OK
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add workspace, dead-letters and preview."""
+    """Add workspace, webhooks, dead-letters and preview."""
     workspace = commands.add_parser(
         "workspace", help="apply or show the workspace delivery policy (DispatchService)"
     )
@@ -297,6 +319,19 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     _add_client_options(show, "dispatch")
     show.set_defaults(func=run_workspace_show)
+
+    webhooks = commands.add_parser("webhooks", help="webhook signing")
+    webhook_commands = webhooks.add_subparsers(dest="webhooks_command", metavar="COMMAND")
+    webhook_commands.required = True
+    secret = webhook_commands.add_parser(
+        "secret",
+        help="print a workspace's webhook signing secret",
+        description="Print the Standard Webhooks secret (whsec_...) that the workspace's "
+        "receivers verify `webhook-signature` with. It is derived from NUDGE_WEBHOOK_SECRET "
+        "(or the webhook-secret file `nudge up` keeps in its state directory).",
+    )
+    secret.add_argument("--workspace", required=True, help="workspace id")
+    secret.set_defaults(func=run_webhook_secret)
 
     dead = commands.add_parser("dead-letters", help="list and replay dead letters")
     dead_commands = dead.add_subparsers(dest="dead_letters_command", metavar="COMMAND")

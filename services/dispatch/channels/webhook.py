@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import ipaddress
 import json
 import socket
@@ -96,6 +97,18 @@ class Destination:
     sni_hostname: str | None
 
 
+def workspace_secret(master_secret: str, workspace_id: str) -> str:
+    """The Standard Webhooks secret (`whsec_…`) a workspace's receivers verify with.
+
+    Derived from the master secret (`NUDGE_WEBHOOK_SECRET`) by HMAC-SHA256 over the workspace
+    id, so every workspace has its own key, none is stored, and rotating the master rotates all.
+    `nudge webhooks secret --workspace W` prints it for a receiver's configuration."""
+    key = hmac.new(
+        _decode_secret(master_secret), b"nudge-webhook:" + workspace_id.encode(), "sha256"
+    )
+    return _KEY_PREFIX + base64.b64encode(key.digest()).decode()
+
+
 class WebhookChannel:
     name = "webhook"
     supports_idempotency = True
@@ -111,7 +124,9 @@ class WebhookChannel:
     ) -> None:
         # httpx timeouts are per read/write; a receiver dripping bytes would never trip them.
         self._total_timeout_s = total_timeout_s if total_timeout_s is not None else 3 * timeout_s
-        self._signer = Webhook(_decode_secret(secret))
+        _decode_secret(secret)
+        self._master_secret = secret
+        self._signers: dict[str, Webhook] = {}
         self._allow_private_hosts = frozenset(host.lower() for host in allow_private_hosts)
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
@@ -195,13 +210,22 @@ class WebhookChannel:
             raise PermanentChannelError(f"payload is not valid JSON: {error}") from error
         return payload
 
-    def signed_headers(self, send_id: str, body: str, now: datetime) -> dict[str, str]:
+    def _signer(self, workspace_id: str) -> Webhook:
+        signer = self._signers.get(workspace_id)
+        if signer is None:
+            secret = workspace_secret(self._master_secret, workspace_id)
+            signer = self._signers[workspace_id] = Webhook(_decode_secret(secret))
+        return signer
+
+    def signed_headers(
+        self, workspace_id: str, send_id: str, body: str, now: datetime
+    ) -> dict[str, str]:
         # sign() relabels the datetime as UTC instead of converting it: pass an aware UTC now.
         timestamp = now.astimezone(UTC)
         return {
             "webhook-id": send_id,
             "webhook-timestamp": str(int(timestamp.timestamp())),
-            "webhook-signature": self._signer.sign(send_id, timestamp, body),
+            "webhook-signature": self._signer(workspace_id).sign(send_id, timestamp, body),
             "idempotency-key": send_id,
         }
 
@@ -217,7 +241,7 @@ class WebhookChannel:
             "user-agent": _USER_AGENT,
             # Only a prefix of the response body is read; keep it uncompressed.
             "accept-encoding": "identity",
-            **self.signed_headers(msg.send_id, body, datetime.now(UTC)),
+            **self.signed_headers(msg.workspace_id, msg.send_id, body, datetime.now(UTC)),
         }
         if msg.traceparent:
             headers["traceparent"] = msg.traceparent

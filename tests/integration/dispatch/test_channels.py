@@ -28,6 +28,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
 from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from services.dispatch.channels import (
     AmbiguousChannelError,
@@ -38,7 +39,12 @@ from services.dispatch.channels import (
 )
 from services.dispatch.channels.console import ConsoleChannel
 from services.dispatch.channels.email import SmtpChannel
-from services.dispatch.channels.webhook import WebhookChannel, is_public_address, parse_retry_after
+from services.dispatch.channels.webhook import (
+    WebhookChannel,
+    is_public_address,
+    parse_retry_after,
+    workspace_secret,
+)
 
 LOCALHOST = "127.0.0.1"
 SEND_ID = "3f1c7a52-2b7e-5d3c-9a41-0c2f8e6d1b11"
@@ -497,7 +503,7 @@ async def test_webhook_delivers_signed_json(
     assert request.headers["webhook-id"] == SEND_ID
     assert request.headers["idempotency-key"] == SEND_ID
     assert request.headers["traceparent"] == TRACEPARENT
-    verified = Webhook(SECRET).verify(request.body, request.headers)
+    verified = Webhook(workspace_secret(SECRET, "acme")).verify(request.body, request.headers)
     assert verified == {"event": "cart_abandoned", "name": "Zoë"}
 
 
@@ -508,7 +514,7 @@ async def test_webhook_default_envelope(
     url = f"http://{LOCALHOST}:{port}/"
     await webhook(LOCALHOST).send(message("webhook", url=url, title="Hi", body="Come back"))
     [request] = peer.requests
-    assert Webhook(SECRET).verify(request.body, request.headers) == {
+    assert Webhook(workspace_secret(SECRET, "acme")).verify(request.body, request.headers) == {
         "send_id": SEND_ID,
         "user_id": "u1",
         "message": {"title": "Hi", "body": "Come back"},
@@ -824,3 +830,18 @@ async def test_webhook_total_deadline_bounds_a_dripping_receiver(
     with pytest.raises(AmbiguousChannelError, match="total") as caught:
         await channel.send(message("webhook", url=f"http://{LOCALHOST}:{port}/"))
     assert caught.value.retryable is True
+
+
+def test_each_workspace_signs_with_its_own_secret_derived_from_the_master() -> None:
+    acme = workspace_secret(SECRET, "acme")
+    assert acme.startswith("whsec_")
+    assert acme == workspace_secret(SECRET, "acme")
+    assert acme != workspace_secret(SECRET, "globex")
+    other_master = "whsec_" + base64.b64encode(b"1" * 24).decode()
+    assert acme != workspace_secret(other_master, "acme")
+    channel = WebhookChannel(SECRET)
+    now = datetime.now(UTC)
+    headers = channel.signed_headers("globex", SEND_ID, "{}", now)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(acme).verify(b"{}", headers)
+    assert Webhook(workspace_secret(SECRET, "globex")).verify(b"{}", headers) == {}
