@@ -348,8 +348,10 @@ class Dispatcher:
     ) -> None:
         # The provider may have the message. Retrying is safe only where it cannot produce a
         # second arrival (the provider dedupes by our key) or where the campaign prefers a
-        # duplicate to a loss (transactional: at-least-once). Either way it is counted.
-        if ambiguous_is_retried(channel_is_idempotent=channel.supports_idempotency, kind=send.kind):
+        # duplicate to a loss (transactional: at-least-once). Either way it is counted. The
+        # error says whether ITS provider dedupes (one `push` channel fronts APNs, which honours
+        # apns-id, and FCM, which has no key); `channel.supports_idempotency` must hold for all.
+        if ambiguous_is_retried(channel_is_idempotent=error.retryable, kind=send.kind):
             await self._retry(send, error, ambiguous=True)
             return
         async with self._pool.acquire() as conn, conn.transaction():

@@ -368,6 +368,9 @@ def normalize_address(channel: str, address: str) -> str:
     """The comparable form of an address: an email's addr-spec in lower case, else stripped."""
     if channel == "email":
         return parseaddr(address)[1].strip().lower()
+    if channel == "sms":
+        # The same separators the SMS channel strips before its E.164 check.
+        return re.sub(r"[\s().-]", "", address)
     return address.strip()
 
 
@@ -377,7 +380,11 @@ def undeliverable_refusal(
     """(code, reason) when the rendered address is one a provider reported as nonexistent."""
     blocked = recipient.undeliverable.get(channel, frozenset())
     if blocked and normalize_address(channel, address) in blocked:
-        return "undeliverable", f"{channel} address previously reported undeliverable (hard bounce)"
+        reason = (
+            f"{channel} address previously reported undeliverable"
+            " (hard bounce, unregistered token or opted out at the carrier)"
+        )
+        return "undeliverable", reason
     return None
 
 

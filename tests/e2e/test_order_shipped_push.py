@@ -7,10 +7,11 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from nudge.testing.fixtures import run_async
-from nudge.testing.provider_peers import APNS, FCM, ProviderPeers
+from nudge.testing.provider_peers import APNS, FCM, ProviderPeers, apns_error
 from nudge.testing.services import ServiceProcesses
 from nudge.testing.sinks import HttpSink, SmtpSink
 from tests.e2e.conftest import Stack, _make_key
@@ -82,3 +83,41 @@ async def test_order_shipped_push_reaches_fcm_and_apns_only_for_orders_over_20(
     }
     await asyncio.sleep(1.0)
     assert len(peers.requests()) == 2
+
+
+async def test_an_unregistered_token_is_not_used_again_until_the_app_registers_a_new_one(
+    push_stack: Stack, peers: ProviderPeers
+) -> None:
+    stack = push_stack
+    await _apply(stack, "order-shipped-push.yaml")
+    await _identify(stack, "tim", {"push_token": APNS_TOKEN})
+    peers.script(APNS, apns_error(410, "Unregistered", timestamp_ms=1_700_000_000_000))
+
+    await _track(stack, _event("tim", "order_shipped", order_id="T-1", total=99, eta="x"))
+    await asyncio.to_thread(peers.wait_for, 1, APNS, 20.0)
+    await _wait_for_states(stack, "tim", ["dead"])
+
+    await _track(stack, _event("tim", "order_shipped", order_id="T-2", total=99, eta="x"))
+    await _wait_for_states(stack, "tim", ["dead", "suppressed"])
+    assert len(peers.requests(APNS)) == 1
+
+    fresh_token = "cd" * 32
+    await _identify(stack, "tim", {"push_token": fresh_token})
+    await _track(stack, _event("tim", "order_shipped", order_id="T-3", total=99, eta="x"))
+    [*_, delivered] = await asyncio.to_thread(peers.wait_for, 2, APNS, 20.0)
+    assert delivered.path == f"/3/device/{fresh_token}"
+
+
+async def _wait_for_states(stack: Stack, user_id: str, expected: list[str]) -> None:
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        for _ in range(200):
+            rows = await conn.fetch(
+                "SELECT state FROM sends WHERE user_id = $1 ORDER BY created_at", user_id
+            )
+            if [r["state"] for r in rows] == expected:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"send states {[r['state'] for r in rows]} != {expected}")
+    finally:
+        await conn.close()
