@@ -75,6 +75,8 @@ DEFAULT_NATS_PORT = 4222
 DEV_DATABASE = "nudge"
 DEV_WEBHOOK_ALLOW_HOSTS = "127.0.0.1,localhost"
 API_KEY_FILE = "dev-api-key"
+DISPATCH_HTTP_VARIABLE = "NUDGE_DISPATCH_HTTP_ADDR"
+DISPATCH_HTTP_DEFAULT = "127.0.0.1:50055"
 WEBHOOK_SECRET_FILE = "webhook-secret"  # noqa: S105 - a file name
 
 READY_TIMEOUT_S = 60.0
@@ -447,6 +449,13 @@ class Stack:
         for name, address in self.settings.addresses.items():
             env[address_variable(name)] = address
         env.update(self._metrics_env())
+        if not os.environ.get(DISPATCH_HTTP_VARIABLE) and not port_is_free(
+            int(DISPATCH_HTTP_DEFAULT.rpartition(":")[2])
+        ):
+            # As for NATS and metrics: a busy default port is replaced, a configured one is not.
+            replacement = f"127.0.0.1:{free_port()}"
+            env[DISPATCH_HTTP_VARIABLE] = replacement
+            say(f"dispatch HTTP port {DISPATCH_HTTP_DEFAULT} is busy; using {replacement}")
         if not self.settings.production:
             env.setdefault("NUDGE_WEBHOOK_ALLOW_HOSTS", DEV_WEBHOOK_ALLOW_HOSTS)
         env.setdefault("NUDGE_LOG_FORMAT", "text")

@@ -209,6 +209,8 @@ async def test_process_serves_fires_and_drains_on_sigterm(
         "NATS_URL": nats_url,
         "NUDGE_NATS_PREFIX": prefix,
         "NUDGE_SCHEDULER_ADDR": address,
+        # The default metrics port is fixed; another stack on the machine may hold it.
+        "NUDGE_SCHEDULER_METRICS_ADDR": f"127.0.0.1:{free_port()}",
         "NUDGE_LOG_FORMAT": "text",
     }
     log_path = tmp_path / "scheduler.log"
