@@ -6,11 +6,13 @@ publish has a deterministic `Nats-Msg-Id`, and every stream a 10-minute duplicat
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import nats
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -128,3 +130,24 @@ def trace_headers(msg_id: str, extra: Mapping[str, str] | None = None) -> dict[s
     headers = {"Nats-Msg-Id": msg_id, **(extra or {})}
     propagate.inject(headers)
     return headers
+
+
+async def fetch_available(
+    subscription: JetStreamContext.PullSubscription, batch: int, idle_timeout_s: float = 1.0
+) -> list[Msg]:
+    """The next message (waiting up to `idle_timeout_s`) plus whatever else is already there.
+
+    Not `fetch(batch, timeout)` on its own: on an idle stream that leaves a lingering pull for
+    `batch` messages, and nats-py returns the first one only when the pull expires, so a lone
+    message waited up to the whole timeout (dispatch p90 of ~0.5 s on an idle stack). A pull
+    for ONE message returns the moment it arrives; the second, short fetch then drains what
+    has accumulated without lingering. Returns [] when nothing arrived in time.
+    """
+    try:
+        messages = await subscription.fetch(1, timeout=idle_timeout_s)
+    except TimeoutError:  # nats-py's TimeoutError or a bare asyncio one (ECOSYSTEM §8.6)
+        return []
+    if batch > 1:
+        with contextlib.suppress(TimeoutError):
+            messages += await subscription.fetch(batch - 1, timeout=0.005)
+    return messages

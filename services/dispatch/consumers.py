@@ -11,7 +11,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 
-from nudge.bus import BusNames, work_queue_consumer
+from nudge.bus import BusNames, fetch_available, work_queue_consumer
 from nudge.dispatch.v1 import dispatch_pb2
 from nudge.telemetry import consumer_span
 from services.dispatch.application import Dispatcher
@@ -39,11 +39,7 @@ async def consume_send_requests(
         subject, durable=DURABLE, stream=names.dispatch_stream, config=config
     )
     while True:
-        try:
-            messages = await subscription.fetch(batch, timeout=1.0)
-        except TimeoutError:
-            # nats-py raises its own TimeoutError subclass or a bare asyncio one (ECOSYSTEM §8.6).
-            continue
+        messages = await fetch_available(subscription, batch)
         await asyncio.gather(*(_handle(dispatcher, m) for m in messages))
 
 

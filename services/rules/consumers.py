@@ -10,7 +10,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from nudge.bus import BusNames, work_queue_consumer
+from nudge.bus import BusNames, fetch_available, work_queue_consumer
 from nudge.runtime import sleep_or_wake
 from nudge.scheduler.v1 import scheduler_pb2
 from nudge.telemetry import consumer_span
@@ -66,11 +66,7 @@ async def consume_fired_timers(
         config=work_queue_consumer(TIMERS_DURABLE, subject, ack_wait_s),
     )
     while True:
-        try:
-            messages = await subscription.fetch(batch, timeout=1.0)
-        except TimeoutError:
-            continue
-        for message in messages:
+        for message in await fetch_available(subscription, batch):
             headers = message.headers or {}
             with consumer_span(
                 message.subject,
