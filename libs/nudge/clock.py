@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 log = logging.getLogger("nudge.clock")
-SKEW_ALARM_S = 1.0
 
 
 class DbClock:

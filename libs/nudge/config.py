@@ -48,16 +48,6 @@ def env_float(
         raise ConfigError(name, f"must be a number, got {raw!r}") from None
 
 
-def env_bool(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
-    """Return the variable as a bool (1/0, true/false, yes/no, on/off)."""
-    raw = env_str(name, "1" if default else "0", env).strip().lower()
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigError(name, f"must be a boolean, got {raw!r}")
-
-
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]*):(?P<port>\d{1,5})$")
 
 

@@ -61,12 +61,6 @@ class ResourceExhaustedError(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class FailedPreconditionError(ServiceError):
-    """The system is not in a state that allows the request."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
 def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
     # The one table from exceptions to gRPC status codes (STYLE.md habit 8).
     import asyncpg
@@ -180,7 +174,7 @@ async def start_grpc_server(
     reflection.enable_server_reflection(
         (
             *names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            HEALTH_SERVICE_NAME,
             reflection.SERVICE_NAME,
         ),
         server,

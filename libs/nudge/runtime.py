@@ -75,18 +75,3 @@ async def sleep_or_wake(wake: asyncio.Event, timeout_s: float) -> None:
         async with asyncio.timeout(max(timeout_s, 0.0)):
             await wake.wait()
     wake.clear()
-
-
-async def retry_forever(
-    what: str, attempt: Callable[[], Awaitable[None]], *, max_backoff_s: float = 5.0
-) -> None:
-    """Run `attempt` again after connection-type failures, with capped exponential backoff."""
-    backoff = 0.1
-    while True:
-        try:
-            await attempt()
-            return
-        except (OSError, ConnectionError, TimeoutError) as error:
-            log.warning("%s failed (%r); retrying in %.1fs", what, error, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, max_backoff_s)

@@ -180,12 +180,6 @@ def setup_tracing(service: str, env: Mapping[str, str] | None = None) -> TracerP
     return provider
 
 
-def shutdown_tracing() -> None:
-    """Flush and stop exporting (the SDK also does this at interpreter exit)."""
-    if _provider is not None:
-        _provider.shutdown()
-
-
 def tracer() -> trace.Tracer:
     """Nudge's tracer (the global provider's; a no-op one before `setup_tracing`)."""
     return _tracer if _tracer is not None else trace.get_tracer(TRACER_NAME)

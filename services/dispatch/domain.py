@@ -5,22 +5,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import Enum
 
 BASE_DELAY_S = 1.0
 MAX_DELAY_S = 600.0
-
-
-class SendState(Enum):
-    """The states of RELIABILITY.md P3."""
-
-    PLANNED = "planned"
-    ATTEMPTING = "attempting"
-    SENT = "sent"
-    RETRY_WAIT = "retry_wait"
-    SUPPRESSED = "suppressed"
-    DEAD = "dead"
-    AMBIGUOUS = "ambiguous"
 
 
 def retry_delay_s(attempt: int, retry_after_s: float | None, rng: random.Random) -> float:

@@ -25,7 +25,6 @@ from nudge import eventstore
 from nudge.db import Conn, Queryable
 from nudge.eventstore import NewEvent
 
-CLAIMABLE = ("planned", "retry_wait", "claimed")
 USER_LOCK_CLASS = 0x6E647370  # "ndsp": the two-key advisory lock space of dispatch's user locks
 
 _COLUMNS = (
@@ -456,12 +455,6 @@ async def mark_retry(
         send.state,
     )
     return bool(status.endswith(" 1"))
-
-
-async def state_of(conn: Queryable, send_id: str) -> str | None:
-    """The current state of a send, or None if unknown."""
-    value = await conn.fetchval("SELECT state FROM sends WHERE send_id = $1::uuid", send_id)
-    return None if value is None else str(value)
 
 
 async def list_messages(conn: Queryable, workspace_id: str, user_id: str, limit: int) -> list[Any]:

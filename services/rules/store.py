@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -518,11 +517,6 @@ async def decisions_for(
         campaign_id,
     )
     return [DecisionRow(**dict(r)) for r in rows]
-
-
-def canonical_json(value: Any) -> str:
-    """Stable JSON used for hashing definitions."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 # --------------------------------------------------------------------------------------------
