@@ -56,6 +56,12 @@ def http_sink() -> Iterator[HttpSink]:
 
 
 @pytest.fixture
+def stack_env() -> dict[str, str]:
+    """Extra environment for the services; a test module overrides it (e.g. provider URLs)."""
+    return {}
+
+
+@pytest.fixture
 def stack(
     database_url: str,
     nats_url: str,
@@ -63,6 +69,7 @@ def stack(
     tmp_path: Path,
     smtp_sink: SmtpSink,
     http_sink: HttpSink,
+    stack_env: dict[str, str],
 ) -> Iterator[Stack]:
     workspace_id = f"ws-{test_id}"
     api_key = run_async(_make_key(database_url, workspace_id))
@@ -71,7 +78,7 @@ def stack(
         nats_url=nats_url,
         nats_prefix=f"t{test_id}",
         log_dir=tmp_path / "logs",
-        extra_env={"NUDGE_SMTP_URL": smtp_sink.url},
+        extra_env={"NUDGE_SMTP_URL": smtp_sink.url, **stack_env},
     )
     try:
         services.start_all()

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 
 import asyncpg
 import pytest
 
-from nudge.testing.fixtures import run_async
 from nudge.testing.provider_peers import APNS, FCM, ProviderPeers, apns_error
-from nudge.testing.services import ServiceProcesses
-from nudge.testing.sinks import HttpSink, SmtpSink
-from tests.e2e.conftest import Stack, _make_key
+from tests.e2e.conftest import Stack
 from tests.e2e.test_walking_skeleton import _apply, _event, _identify, _track
 
 pytestmark = pytest.mark.e2e
@@ -28,35 +24,13 @@ def peers() -> Iterator[ProviderPeers]:
 
 
 @pytest.fixture
-def push_stack(
-    database_url: str,
-    nats_url: str,
-    test_id: str,
-    tmp_path: Path,
-    smtp_sink: SmtpSink,
-    http_sink: HttpSink,
-    peers: ProviderPeers,
-) -> Iterator[Stack]:
-    workspace_id = f"ws-{test_id}"
-    api_key = run_async(_make_key(database_url, workspace_id))
-    services = ServiceProcesses.configure(
-        database_url=database_url,
-        nats_url=nats_url,
-        nats_prefix=f"t{test_id}",
-        log_dir=tmp_path / "logs",
-        extra_env={"NUDGE_SMTP_URL": smtp_sink.url, **peers.env()},
-    )
-    try:
-        services.start_all()
-        yield Stack(services, api_key, workspace_id, database_url, smtp_sink, http_sink)
-    finally:
-        services.stop_all()
+def stack_env(peers: ProviderPeers) -> dict[str, str]:
+    return peers.env()
 
 
 async def test_order_shipped_push_reaches_fcm_and_apns_only_for_orders_over_20(
-    push_stack: Stack, peers: ProviderPeers
+    stack: Stack, peers: ProviderPeers
 ) -> None:
-    stack = push_stack
     await _apply(stack, "order-shipped-push.yaml")
     await _identify(stack, "ada", {"first_name": "Ada", "push_token": "fcm-token-ada"})
     await _identify(stack, "tim", {"push_token": APNS_TOKEN})
@@ -86,9 +60,8 @@ async def test_order_shipped_push_reaches_fcm_and_apns_only_for_orders_over_20(
 
 
 async def test_an_unregistered_token_is_not_used_again_until_the_app_registers_a_new_one(
-    push_stack: Stack, peers: ProviderPeers
+    stack: Stack, peers: ProviderPeers
 ) -> None:
-    stack = push_stack
     await _apply(stack, "order-shipped-push.yaml")
     await _identify(stack, "tim", {"push_token": APNS_TOKEN})
     peers.script(APNS, apns_error(410, "Unregistered", timestamp_ms=1_700_000_000_000))
