@@ -68,6 +68,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         now: datetime = await self._clock()
         results: list[ingest_pb2.EventResult | None] = []
         valid: list[NewEvent] = []
+        metadata = _metadata(context)
         for index, event in enumerate(request.events):
             try:
                 checked = validate_event(
@@ -93,7 +94,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     occurred_at=checked.occurred_at,
                     properties=checked.properties,
                     context=checked.context,
-                    metadata=_metadata(context),
+                    metadata=metadata,
                 )
             )
         outcomes = iter(await self._committer.append(valid))
