@@ -60,6 +60,7 @@ class SendRequest(_message.Message):
     DECIDED_AT_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_GROUP_FIELD_NUMBER: _builtins.int
     send_id: _builtins.str
     """Deterministic id of this send (a UUID)."""
     workspace_id: _builtins.str
@@ -79,6 +80,12 @@ class SendRequest(_message.Message):
     priority: _builtins.int
     """Campaign priority (-1000..1000): who gets the last frequency-cap slot when several sends of a
     user compete (higher first, then the older decided_at, then send_id).
+    """
+    experiment_group: _builtins.str
+    """The experiment group of the campaign instance this send belongs to: a variant's name, or
+    `treatment` for a campaign without variants. Empty for sends planned before experiments
+    existed. Dispatch copies it into every `message.*` outcome event (`experiment_group`), so
+    campaign stats join on it without a lookup.
     """
     @_builtins.property
     def template(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -107,10 +114,11 @@ class SendRequest(_message.Message):
         decided_at: _timestamp_pb2.Timestamp | None = ...,
         kind: _builtins.str = ...,
         priority: _builtins.int = ...,
+        experiment_group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "decided_at", b"decided_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "campaign_version", b"campaign_version", "channel", b"channel", "context", b"context", "decided_at", b"decided_at", "kind", b"kind", "priority", b"priority", "send_id", b"send_id", "template", b"template", "trigger_event_id", b"trigger_event_id", "user_id", b"user_id", "workspace_id", b"workspace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "campaign_version", b"campaign_version", "channel", b"channel", "context", b"context", "decided_at", b"decided_at", "experiment_group", b"experiment_group", "kind", b"kind", "priority", b"priority", "send_id", b"send_id", "template", b"template", "trigger_event_id", b"trigger_event_id", "user_id", b"user_id", "workspace_id", b"workspace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
