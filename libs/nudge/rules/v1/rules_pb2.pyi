@@ -551,3 +551,358 @@ class VerifyProjectionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyProjectionResponse: _TypeAlias = VerifyProjectionResponse  # noqa: Y015
+
+@_typing.final
+class GetCampaignStatsRequest(_message.Message):
+    """GetCampaignStatsRequest names a campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """The campaign id."""
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCampaignStatsRequest: _TypeAlias = GetCampaignStatsRequest  # noqa: Y015
+
+@_typing.final
+class RateInterval(_message.Message):
+    """RateInterval is a 95% confidence interval, as fractions (0.25 is 25%, or 25 points for a
+    difference).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    low: _builtins.float
+    """Lower bound."""
+    high: _builtins.float
+    """Upper bound."""
+    def __init__(
+        self,
+        *,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["high", b"high", "low", b"low"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateInterval: _TypeAlias = RateInterval  # noqa: Y015
+
+@_typing.final
+class VariantComparison(_message.Message):
+    """VariantComparison is one variant against the baseline, on intention-to-treat conversions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASELINE_FIELD_NUMBER: _builtins.int
+    ABSOLUTE_UPLIFT_FIELD_NUMBER: _builtins.int
+    RELATIVE_UPLIFT_FIELD_NUMBER: _builtins.int
+    UPLIFT_INTERVAL_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    ADJUSTED_P_VALUE_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    VERDICT_TEXT_FIELD_NUMBER: _builtins.int
+    USERS_NEEDED_PER_ARM_FIELD_NUMBER: _builtins.int
+    TARGET_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    baseline: _builtins.str
+    """The baseline group (`control`, else the first variant)."""
+    absolute_uplift: _builtins.float
+    """Variant rate minus baseline rate (a fraction; unset when an arm has no users)."""
+    relative_uplift: _builtins.float
+    """Absolute uplift divided by the baseline rate (unset when that is 0 or an arm is empty)."""
+    test: _builtins.str
+    """`z` (pooled two-proportion z-test) or `fisher` (Fisher's exact test, when an expected
+    cell count is below 5); empty when an arm is empty.
+    """
+    p_value: _builtins.float
+    """Two-sided p-value of the test (unset when an arm is empty)."""
+    adjusted_p_value: _builtins.float
+    """The p-value Holm-adjusted across the variants; the verdict uses this one."""
+    verdict: _builtins.str
+    """`better`, `worse`, `no_difference`, `not_enough_data` or `no_data`."""
+    verdict_text: _builtins.str
+    """The verdict for people ("wait-1h converts better than control (12.0% vs 8.0%, ...)")."""
+    users_needed_per_arm: _builtins.int
+    """For `not_enough_data`: about how many more users per arm a verdict needs (else 0)."""
+    target_difference: _builtins.float
+    """For `not_enough_data`: the absolute difference those users are planned for (else 0)."""
+    @_builtins.property
+    def uplift_interval(self) -> Global___RateInterval:
+        """Newcombe's hybrid score interval of the absolute uplift (unset when an arm is empty)."""
+
+    def __init__(
+        self,
+        *,
+        baseline: _builtins.str = ...,
+        absolute_uplift: _builtins.float | None = ...,
+        relative_uplift: _builtins.float | None = ...,
+        uplift_interval: Global___RateInterval | None = ...,
+        test: _builtins.str = ...,
+        p_value: _builtins.float | None = ...,
+        adjusted_p_value: _builtins.float | None = ...,
+        verdict: _builtins.str = ...,
+        verdict_text: _builtins.str = ...,
+        users_needed_per_arm: _builtins.int = ...,
+        target_difference: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_absolute_uplift", b"_absolute_uplift", "_adjusted_p_value", b"_adjusted_p_value", "_p_value", b"_p_value", "_relative_uplift", b"_relative_uplift", "absolute_uplift", b"absolute_uplift", "adjusted_p_value", b"adjusted_p_value", "p_value", b"p_value", "relative_uplift", b"relative_uplift", "uplift_interval", b"uplift_interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_absolute_uplift", b"_absolute_uplift", "_adjusted_p_value", b"_adjusted_p_value", "_p_value", b"_p_value", "_relative_uplift", b"_relative_uplift", "absolute_uplift", b"absolute_uplift", "adjusted_p_value", b"adjusted_p_value", "baseline", b"baseline", "p_value", b"p_value", "relative_uplift", b"relative_uplift", "target_difference", b"target_difference", "test", b"test", "uplift_interval", b"uplift_interval", "users_needed_per_arm", b"users_needed_per_arm", "verdict", b"verdict", "verdict_text", b"verdict_text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__absolute_uplift: _TypeAlias = _typing.Literal["absolute_uplift"]  # noqa: Y015
+    _WhichOneofArgType__absolute_uplift: _TypeAlias = _typing.Literal["_absolute_uplift", b"_absolute_uplift"]  # noqa: Y015
+    _WhichOneofReturnType__adjusted_p_value: _TypeAlias = _typing.Literal["adjusted_p_value"]  # noqa: Y015
+    _WhichOneofArgType__adjusted_p_value: _TypeAlias = _typing.Literal["_adjusted_p_value", b"_adjusted_p_value"]  # noqa: Y015
+    _WhichOneofReturnType__p_value: _TypeAlias = _typing.Literal["p_value"]  # noqa: Y015
+    _WhichOneofArgType__p_value: _TypeAlias = _typing.Literal["_p_value", b"_p_value"]  # noqa: Y015
+    _WhichOneofReturnType__relative_uplift: _TypeAlias = _typing.Literal["relative_uplift"]  # noqa: Y015
+    _WhichOneofArgType__relative_uplift: _TypeAlias = _typing.Literal["_relative_uplift", b"_relative_uplift"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__absolute_uplift) -> _WhichOneofReturnType__absolute_uplift | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__adjusted_p_value) -> _WhichOneofReturnType__adjusted_p_value | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p_value) -> _WhichOneofReturnType__p_value | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__relative_uplift) -> _WhichOneofReturnType__relative_uplift | None: ...
+
+Global___VariantComparison: _TypeAlias = VariantComparison  # noqa: Y015
+
+@_typing.final
+class CampaignGroupStats(_message.Message):
+    """CampaignGroupStats is one group of a campaign's experiment: a variant, `control`,
+    `global_control`, or `treatment` (everyone not held out, when there is no experiment).
+    Users are counted once per group; instances and sends are counted each.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SuppressedReasonsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class SuppressedCodesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    ENTERED_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    HELD_OUT_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    CANCELLED_BY_EXCEPTION_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_REASONS_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_DOWNSTREAM_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_CODES_FIELD_NUMBER: _builtins.int
+    OPENED_FIELD_NUMBER: _builtins.int
+    CLICKED_FIELD_NUMBER: _builtins.int
+    CONVERTED_FIELD_NUMBER: _builtins.int
+    CONVERTED_ATTRIBUTED_FIELD_NUMBER: _builtins.int
+    RATE_FIELD_NUMBER: _builtins.int
+    RATE_INTERVAL_FIELD_NUMBER: _builtins.int
+    COMPARISON_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    """The group name."""
+    role: _builtins.str
+    """`baseline`, `variant` (compared with the baseline), `global_control` (reported only) or
+    `other` (in the data but not in the current experiment, e.g. a removed variant; reported
+    only).
+    """
+    entered: _builtins.int
+    """Distinct users with an instance in the group (the denominator of the rate)."""
+    instances: _builtins.int
+    """Instances in the group (a user can enter more than once)."""
+    pending: _builtins.int
+    """Instances still waiting for their delay."""
+    held_out: _builtins.int
+    """Instances held out (control groups: nothing sent, the would-be send measured)."""
+    cancelled: _builtins.int
+    """Instances cancelled, for any reason (an exception event, a new campaign version)."""
+    cancelled_by_exception: _builtins.int
+    """Of those, instances cancelled by an exception event."""
+    suppressed: _builtins.int
+    """Instances the rules suppressed when their delay ended."""
+    sent: _builtins.int
+    """Sends dispatch reported as sent (`message.sent`)."""
+    delivered: _builtins.int
+    """Sends delivered; equal to `sent` until delivery receipts exist."""
+    failed: _builtins.int
+    """Sends that failed (`message.failed`)."""
+    suppressed_downstream: _builtins.int
+    """Sends dispatch suppressed (`message.suppressed`: consent, caps, quiet hours...)."""
+    opened: _builtins.int
+    """Sends opened at least once."""
+    clicked: _builtins.int
+    """Sends with at least one tracked click."""
+    converted: _builtins.int
+    """Users who converted within the analysis horizon from entry (intention to treat)."""
+    converted_attributed: _builtins.int
+    """Users who converted within `within` of the send or would-be send (attributed)."""
+    rate: _builtins.float
+    """converted / entered (unset without a conversion goal or without users)."""
+    @_builtins.property
+    def suppressed_reasons(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """`suppressed` by reason (the kind of the instance's last decision: not_reeligible,
+        audience_excluded, no_matching_message, error...).
+        """
+
+    @_builtins.property
+    def suppressed_codes(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """`suppressed_downstream` by the event's `code`."""
+
+    @_builtins.property
+    def rate_interval(self) -> Global___RateInterval:
+        """The rate's Wilson 95% interval (unset without a conversion goal)."""
+
+    @_builtins.property
+    def comparison(self) -> Global___VariantComparison:
+        """The comparison with the baseline (set for the `variant` rows with a conversion goal)."""
+
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        role: _builtins.str = ...,
+        entered: _builtins.int = ...,
+        instances: _builtins.int = ...,
+        pending: _builtins.int = ...,
+        held_out: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+        cancelled_by_exception: _builtins.int = ...,
+        suppressed: _builtins.int = ...,
+        suppressed_reasons: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        sent: _builtins.int = ...,
+        delivered: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        suppressed_downstream: _builtins.int = ...,
+        suppressed_codes: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        opened: _builtins.int = ...,
+        clicked: _builtins.int = ...,
+        converted: _builtins.int = ...,
+        converted_attributed: _builtins.int = ...,
+        rate: _builtins.float | None = ...,
+        rate_interval: Global___RateInterval | None = ...,
+        comparison: Global___VariantComparison | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rate", b"_rate", "comparison", b"comparison", "rate", b"rate", "rate_interval", b"rate_interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rate", b"_rate", "cancelled", b"cancelled", "cancelled_by_exception", b"cancelled_by_exception", "clicked", b"clicked", "comparison", b"comparison", "converted", b"converted", "converted_attributed", b"converted_attributed", "delivered", b"delivered", "entered", b"entered", "failed", b"failed", "group", b"group", "held_out", b"held_out", "instances", b"instances", "opened", b"opened", "pending", b"pending", "rate", b"rate", "rate_interval", b"rate_interval", "role", b"role", "sent", b"sent", "suppressed", b"suppressed", "suppressed_codes", b"suppressed_codes", "suppressed_downstream", b"suppressed_downstream", "suppressed_reasons", b"suppressed_reasons"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__rate: _TypeAlias = _typing.Literal["rate"]  # noqa: Y015
+    _WhichOneofArgType__rate: _TypeAlias = _typing.Literal["_rate", b"_rate"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rate) -> _WhichOneofReturnType__rate | None: ...
+
+Global___CampaignGroupStats: _TypeAlias = CampaignGroupStats  # noqa: Y015
+
+@_typing.final
+class GetCampaignStatsResponse(_message.Message):
+    """GetCampaignStatsResponse is a campaign's experiment report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SALT_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    CONVERSION_EVENT_FIELD_NUMBER: _builtins.int
+    CONVERSION_WITHIN_FIELD_NUMBER: _builtins.int
+    HORIZON_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    USERS_IN_SEVERAL_GROUPS_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """The campaign id."""
+    version: _builtins.int
+    """The current version, whose `experiment:` and `conversion:` blocks the report follows."""
+    salt: _builtins.str
+    """The current salt: only instances assigned with it are counted (empty: the default)."""
+    baseline: _builtins.str
+    """The baseline group."""
+    conversion_event: _builtins.str
+    """The conversion event (empty without a `conversion:` block; then no rates are computed)."""
+    conversion_within: _builtins.str
+    """The conversion window from the send, as duration text (`3d`)."""
+    horizon: _builtins.str
+    """The analysis horizon from entry, the same for every group: the longest delay plus
+    `conversion_within` (`4d`).
+    """
+    users_in_several_groups: _builtins.int
+    """Users found in more than one group (assignment is deterministic, so normally 0; such a
+    user is counted in each of their groups).
+    """
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___CampaignGroupStats]:
+        """Baseline first, then the variants in definition order, other groups, global control."""
+
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        salt: _builtins.str = ...,
+        baseline: _builtins.str = ...,
+        conversion_event: _builtins.str = ...,
+        conversion_within: _builtins.str = ...,
+        horizon: _builtins.str = ...,
+        groups: _abc.Iterable[Global___CampaignGroupStats] | None = ...,
+        users_in_several_groups: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "campaign_id", b"campaign_id", "conversion_event", b"conversion_event", "conversion_within", b"conversion_within", "groups", b"groups", "horizon", b"horizon", "salt", b"salt", "users_in_several_groups", b"users_in_several_groups", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCampaignStatsResponse: _TypeAlias = GetCampaignStatsResponse  # noqa: Y015

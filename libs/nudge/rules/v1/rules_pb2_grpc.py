@@ -79,6 +79,11 @@ class RulesServiceStub:
                 request_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.VerifyProjectionRequest.SerializeToString,
                 response_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.VerifyProjectionResponse.FromString,
                 _registered_method=True)
+        self.GetCampaignStats = channel.unary_unary(
+                '/nudge.rules.v1.RulesService/GetCampaignStats',
+                request_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.GetCampaignStatsRequest.SerializeToString,
+                response_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.GetCampaignStatsResponse.FromString,
+                _registered_method=True)
 
 
 class RulesServiceServicer:
@@ -164,6 +169,20 @@ class RulesServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCampaignStats(self, request, context):
+        """GetCampaignStats reports a campaign's experiment since its current salt: per group, the
+        users who entered, what happened to their instances and messages, who converted, and each
+        variant against the baseline (`control`, else the first variant): conversion rate with a
+        Wilson 95% interval, uplift with Newcombe's interval, a Holm-adjusted p-value and a
+        plain-language verdict. Rates, uplift and verdict use intention to treat (a conversion
+        within the analysis horizon from entry); attributed conversions (within `within` of the
+        send) are reported alongside. Without a `conversion:` block only the counts are set.
+        Read-only. Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RulesServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +225,11 @@ def add_RulesServiceServicer_to_server(servicer, server):
                     servicer.VerifyProjection,
                     request_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.VerifyProjectionRequest.FromString,
                     response_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.VerifyProjectionResponse.SerializeToString,
+            ),
+            'GetCampaignStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCampaignStats,
+                    request_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.GetCampaignStatsRequest.FromString,
+                    response_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.GetCampaignStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -429,6 +453,33 @@ class RulesService:
             '/nudge.rules.v1.RulesService/VerifyProjection',
             nudge_dot_rules_dot_v1_dot_rules__pb2.VerifyProjectionRequest.SerializeToString,
             nudge_dot_rules_dot_v1_dot_rules__pb2.VerifyProjectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCampaignStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nudge.rules.v1.RulesService/GetCampaignStats',
+            nudge_dot_rules_dot_v1_dot_rules__pb2.GetCampaignStatsRequest.SerializeToString,
+            nudge_dot_rules_dot_v1_dot_rules__pb2.GetCampaignStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

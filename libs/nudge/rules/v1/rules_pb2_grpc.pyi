@@ -79,6 +79,16 @@ class RulesServiceStub:
     (one consistent snapshot), and compares them with the live states (checker C4).
     Read-only; its cost grows with the workspace's events.
     """
+    GetCampaignStats: _grpc.UnaryUnaryMultiCallable[_rules_pb2.GetCampaignStatsRequest, _rules_pb2.GetCampaignStatsResponse]
+    """GetCampaignStats reports a campaign's experiment since its current salt: per group, the
+    users who entered, what happened to their instances and messages, who converted, and each
+    variant against the baseline (`control`, else the first variant): conversion rate with a
+    Wilson 95% interval, uplift with Newcombe's interval, a Holm-adjusted p-value and a
+    plain-language verdict. Rates, uplift and verdict use intention to treat (a conversion
+    within the analysis horizon from entry); attributed conversions (within `within` of the
+    send) are reported alongside. Without a `conversion:` block only the counts are set.
+    Read-only. Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
+    """
 
 @_typing.type_check_only
 class RulesServiceAsyncStub(RulesServiceStub):
@@ -130,6 +140,16 @@ class RulesServiceAsyncStub(RulesServiceStub):
     store, in memory, with the projection's own fold, up to the live projection's checkpoint
     (one consistent snapshot), and compares them with the live states (checker C4).
     Read-only; its cost grows with the workspace's events.
+    """
+    GetCampaignStats: _aio.UnaryUnaryMultiCallable[_rules_pb2.GetCampaignStatsRequest, _rules_pb2.GetCampaignStatsResponse]  # type: ignore[assignment]
+    """GetCampaignStats reports a campaign's experiment since its current salt: per group, the
+    users who entered, what happened to their instances and messages, who converted, and each
+    variant against the baseline (`control`, else the first variant): conversion rate with a
+    Wilson 95% interval, uplift with Newcombe's interval, a Holm-adjusted p-value and a
+    plain-language verdict. Rates, uplift and verdict use intention to treat (a conversion
+    within the analysis horizon from entry); attributed conversions (within `within` of the
+    send) are reported alongside. Without a `conversion:` block only the counts are set.
+    Read-only. Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
     """
 
 class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -227,6 +247,22 @@ class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
         store, in memory, with the projection's own fold, up to the live projection's checkpoint
         (one consistent snapshot), and compares them with the live states (checker C4).
         Read-only; its cost grows with the workspace's events.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCampaignStats(
+        self,
+        request: _rules_pb2.GetCampaignStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.GetCampaignStatsResponse, _abc.Awaitable[_rules_pb2.GetCampaignStatsResponse]]:
+        """GetCampaignStats reports a campaign's experiment since its current salt: per group, the
+        users who entered, what happened to their instances and messages, who converted, and each
+        variant against the baseline (`control`, else the first variant): conversion rate with a
+        Wilson 95% interval, uplift with Newcombe's interval, a Holm-adjusted p-value and a
+        plain-language verdict. Rates, uplift and verdict use intention to treat (a conversion
+        within the analysis horizon from entry); attributed conversions (within `within` of the
+        send) are reported alongside. Without a `conversion:` block only the counts are set.
+        Read-only. Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
         """
 
 def add_RulesServiceServicer_to_server(servicer: RulesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
