@@ -28,7 +28,12 @@ from nudge.logs import WORKSPACE_ATTRIBUTE
 from nudge.protoconv import dict_to_struct, to_timestamp
 from nudge.scheduler.v1 import scheduler_pb2
 from services.rules import store
-from services.rules.cel import CompiledCampaign, compile_campaign
+from services.rules.cel import (
+    CelEvaluationError,
+    CompiledCampaign,
+    activation,
+    compile_campaign,
+)
 from services.rules.domain import (
     CampaignDefinition,
     CampaignError,
@@ -47,15 +52,25 @@ from services.rules.domain import (
 )
 from services.rules.evaluation import (
     EvaluationContext,
+    cel_event,
     decide_at_fire,
     decide_exception,
     decide_on_event,
+)
+from services.rules.experiments import (
+    GLOBAL_CONTROL,
+    ExperimentError,
+    GlobalControl,
+    parse_global_control,
 )
 
 log = logging.getLogger("nudge.rules")
 
 READER = "rules"
 TIMER_TOPIC = "rules"
+ASSIGNED_EVENT = "$experiment.assigned"
+"""Recorded at each entry into a campaign with an experiment (or of a user held out by the
+workspace's global control). `$`: the projection does not count it as user activity."""
 
 
 @dataclass(frozen=True)
@@ -76,13 +91,16 @@ class CampaignCache:
     """
 
     def __init__(self) -> None:
-        self._generation: tuple[int, datetime | None] | None = None
+        self._generation: tuple[int, datetime | None, int] | None = None
         # Every version of a campaign, oldest first, indexed by the event names that can start
         # any of them: an event is evaluated against the version current when it was RECEIVED,
         # so a projection that lags behind an edit neither drops nor re-routes its events.
         self._by_event: dict[tuple[str, str], list[tuple[LiveCampaign, ...]]] = {}
         self._any_event: dict[str, list[tuple[LiveCampaign, ...]]] = {}
         self._exceptions: dict[tuple[str, str], frozenset[str]] = {}
+        self._conversions: dict[tuple[str, str], frozenset[str]] = {}
+        self._horizons: dict[tuple[str, str], timedelta] = {}
+        self._global_controls: dict[str, GlobalControl] = {}
         self._versions: dict[tuple[str, str, int], CompiledCampaign] = {}
 
     async def refresh(self, conn: Queryable) -> None:
@@ -109,15 +127,31 @@ class CampaignCache:
                 for name in sorted(names):
                     by_event.setdefault((workspace_id, name), []).append(history)
         exceptions: dict[tuple[str, str], set[str]] = {}
+        conversions: dict[tuple[str, str], set[str]] = {}
+        horizons: dict[tuple[str, str], timedelta] = {}
         for version in all_versions:
             compiled = self._compile(version)
             for rule in compiled.definition.exceptions:
                 exceptions.setdefault((version.workspace_id, rule.event), set()).add(
                     version.campaign_id
                 )
+            conversion = compiled.definition.conversion
+            if conversion is not None and compiled.horizon is not None:
+                key = (version.workspace_id, conversion.event)
+                conversions.setdefault(key, set()).add(version.campaign_id)
+                horizons[key] = max(horizons.get(key, timedelta(0)), compiled.horizon)
+        global_controls: dict[str, GlobalControl] = {}
+        for workspace_id, block in (await store.global_controls(conn)).items():
+            try:
+                global_controls[workspace_id] = parse_global_control(block)
+            except ExperimentError as error:  # dispatch validated it; never stop the projection
+                log.error("workspace %s: ignoring its global_control: %s", workspace_id, error)
         self._by_event = by_event
         self._any_event = any_event
         self._exceptions = {key: frozenset(ids) for key, ids in exceptions.items()}
+        self._conversions = {key: frozenset(ids) for key, ids in conversions.items()}
+        self._horizons = horizons
+        self._global_controls = global_controls
         self._generation = generation
 
     def may_start(self, workspace_id: str, event_name: str) -> bool:
@@ -153,6 +187,18 @@ class CampaignCache:
     def cancelled_by(self, workspace_id: str, event_name: str) -> frozenset[str]:
         """Ids of campaigns with an exception rule (in any version) naming this event."""
         return self._exceptions.get((workspace_id, event_name), frozenset())
+
+    def converted_by(self, workspace_id: str, event_name: str) -> frozenset[str]:
+        """Ids of campaigns whose conversion goal (in any version) is this event."""
+        return self._conversions.get((workspace_id, event_name), frozenset())
+
+    def conversion_horizon(self, workspace_id: str, event_name: str) -> timedelta:
+        """The longest analysis horizon of the campaigns this event converts."""
+        return self._horizons.get((workspace_id, event_name), timedelta(0))
+
+    def global_control(self, workspace_id: str) -> GlobalControl | None:
+        """The workspace's global control group (its policy's `global_control`), if any."""
+        return self._global_controls.get(workspace_id)
 
     def compiled(
         self, workspace_id: str, campaign_id: str, version: int
@@ -250,6 +296,7 @@ class CampaignMember:
                 correlation=instance.correlation,
                 trigger=trigger,
                 due_at=instance.due_at,
+                group=instance.experiment_group,
             ),
         )
 
@@ -305,8 +352,12 @@ class _Effects:
     timers: dict[str, store.OutboxItem] = field(default_factory=dict)
     rearmed: dict[str, store.Rearm] = field(default_factory=dict)
     cancelled_instances: list[str] = field(default_factory=list)
-    sent_instances: list[str] = field(default_factory=list)
+    exposures: list[store.Exposure] = field(default_factory=list)
     suppressed_instances: list[str] = field(default_factory=list)
+    conversions: list[store.ConversionRow] = field(default_factory=list)
+    events: list[eventstore.NewEvent] = field(default_factory=list)
+    entered: dict[tuple[str, str], list[store.Instance]] = field(default_factory=dict)
+    """Instances a conversion event of the batch may count for, by user (not written)."""
 
     @property
     def has_outbox(self) -> bool:
@@ -317,12 +368,44 @@ class _Effects:
         await store.insert_instances(conn, self.instances)
         await store.rearm_instances(conn, list(self.rearmed.values()))
         await store.cancel_instances(conn, self.cancelled_instances)
-        for instance_id in self.sent_instances:
-            await store.set_instance_state(conn, instance_id, "sent")
+        await store.expose_instances(conn, self.exposures)
         for instance_id in self.suppressed_instances:
             await store.set_instance_state(conn, instance_id, "suppressed")
+        await store.insert_conversions(conn, self.conversions)
         await store.insert_decisions(conn, self.decisions)
         await store.insert_outbox(conn, [*self.outbox, *self.timers.values()])
+        if self.events:
+            await eventstore.append(conn, self.events)
+
+
+def assigned_event(
+    campaign: CompiledCampaign, instance: store.Instance, global_control: GlobalControl | None
+) -> eventstore.NewEvent:
+    """The `$experiment.assigned` event of an entry: enough to recompute the assignment (the
+    salt, and the global control that applied) and check it on replay."""
+    properties: dict[str, Any] = {
+        "campaign_id": instance.campaign_id,
+        "version": instance.version,
+        "instance_id": instance.instance_id,
+        "group": instance.experiment_group,
+        "bucket": instance.experiment_bucket,
+        "salt": instance.experiment_salt,
+    }
+    experiment = campaign.definition.experiment
+    if experiment is not None:
+        properties["control_percent"] = experiment.control_percent
+    if global_control is not None:
+        properties["global_control"] = global_control.to_dict()
+    return eventstore.NewEvent(
+        workspace_id=instance.workspace_id,
+        event_id=f"assigned:{instance.instance_id}",
+        user_id=instance.user_id,
+        name=ASSIGNED_EVENT,
+        occurred_at=instance.entered_at,
+        properties=properties,
+        context={},
+        metadata={},
+    )
 
 
 def _decision_row(decision: Decision) -> store.DecisionRow:
@@ -394,14 +477,17 @@ class Planner:
         trigger: RecordedEvent,
         state: UserState,
         now: datetime,
+        group: str | None = None,
     ) -> store.OutboxItem:
-        """The dispatch work item for a `send_planned` decision."""
+        """The dispatch work item for a `send_planned` decision; `group` is the instance's
+        experiment group (its variant's messages are sent)."""
         assert decision.branch is not None
         assert decision.send_id is not None
         branch = decision.branch
         send_id = str(decision.send_id)
         definition = campaign.definition
-        message = definition.messages[branch].message
+        group = group or ""
+        message = campaign.messages_for(group)[branch].message
         template = {
             key: (json.dumps(value) if key == "payload" else str(value))
             for key, value in message.to_dict().items()
@@ -412,7 +498,12 @@ class Planner:
             "user": cel_view(state, now),
             "event": event,
             "trigger": event,
-            "campaign": {"id": definition.id, "name": definition.name, "version": campaign.version},
+            "campaign": {
+                "id": definition.id,
+                "name": definition.name,
+                "version": campaign.version,
+                "variant": group,
+            },
         }
         request = dispatch_pb2.SendRequest(
             send_id=send_id,
@@ -427,6 +518,7 @@ class Planner:
             decided_at=to_timestamp(now),
             kind=definition.kind,
             priority=definition.priority,
+            experiment_group=group,
         )
         return store.OutboxItem(
             kind="dispatch",
@@ -535,6 +627,7 @@ class Projector:
         }
         members = await load_members(conn, involved, lock=True) if involved else {}
         effects = _Effects()
+        effects.entered = await self._conversion_candidates(conn, events)
         positions: dict[tuple[str, str], int] = {}
         for event in events:
             key = (event.workspace_id, event.user_id)
@@ -555,11 +648,100 @@ class Projector:
                 ):
                     self._cancel(event, state, cancelling, members, effects)
                     self._evaluate(event, before, state, campaigns, members, effects)
+            converting = self._cache.converted_by(event.workspace_id, event.name)
+            if converting:
+                self._convert(event, state, converting, effects)
         await store.save_states(
             conn,
             [(w, u, state_to_dict(states[(w, u)]), positions[(w, u)]) for w, u in positions],
         )
         return effects
+
+    async def _conversion_candidates(
+        self, conn: Conn, events: Sequence[RecordedEvent]
+    ) -> dict[tuple[str, str], list[store.Instance]]:
+        """The instances that this batch's conversion events may count for, by user: entered
+        within the longest analysis horizon before the batch's earliest event."""
+        keys: set[tuple[str, str]] = set()
+        campaign_ids: set[str] = set()
+        since: datetime | None = None
+        for event in events:
+            converting = self._cache.converted_by(event.workspace_id, event.name)
+            if not converting:
+                continue
+            keys.add((event.workspace_id, event.user_id))
+            campaign_ids |= converting
+            start = event.received_at - self._cache.conversion_horizon(
+                event.workspace_id, event.name
+            )
+            since = start if since is None else min(since, start)
+        found: dict[tuple[str, str], list[store.Instance]] = {}
+        if since is None:
+            return found
+        # Decision times never run earlier than received_at (they are per-user maxima), so the
+        # earliest received_at bounds every window from below.
+        for instance in await store.conversion_instances(
+            conn, keys, sorted(campaign_ids), since - timedelta(seconds=1)
+        ):
+            found.setdefault((instance.workspace_id, instance.user_id), []).append(instance)
+        return found
+
+    def _convert(
+        self,
+        event: RecordedEvent,
+        state: UserState,
+        campaign_ids: frozenset[str],
+        effects: _Effects,
+    ) -> None:
+        """Count `event` as a conversion of each instance of these campaigns whose analysis
+        horizon holds it and whose `conversion.match` is true (the stats take the first)."""
+        now = decision_time(state)
+        user_view: dict[str, Any] | None = None
+        for instance in effects.entered.get((event.workspace_id, event.user_id), ()):
+            if instance.campaign_id not in campaign_ids or instance.entered_at is None:
+                continue
+            if instance.trigger_event_id == event.event_id:
+                continue  # the event that started the instance does not convert it
+            campaign = self._cache.compiled(
+                event.workspace_id, instance.campaign_id, instance.version
+            )
+            if campaign is None or campaign.horizon is None:
+                continue
+            conversion = campaign.definition.conversion
+            if conversion is None or conversion.event != event.name:
+                continue
+            if not instance.entered_at <= now < instance.entered_at + campaign.horizon:
+                continue
+            match = campaign.conversion_match
+            if match is not None:
+                if user_view is None:
+                    user_view = cel_view(state, now)
+                variables = {
+                    "conversion": cel_event(event),
+                    "trigger": cel_event(_event_from_document(instance.trigger_event)),
+                    "user": user_view,
+                }
+                try:
+                    if not match.evaluate_bool(activation(variables)):
+                        continue
+                except CelEvaluationError as error:
+                    log.warning(
+                        "conversion.match of %s failed for %s: %s",
+                        instance.campaign_id,
+                        event.event_id,
+                        error.message,
+                    )
+                    continue
+            effects.conversions.append(
+                store.ConversionRow(
+                    instance_id=instance.instance_id,
+                    event_id=event.event_id,
+                    workspace_id=event.workspace_id,
+                    campaign_id=instance.campaign_id,
+                    user_id=event.user_id,
+                    converted_at=now,
+                )
+            )
 
     def _cancel(
         self,
@@ -621,6 +803,7 @@ class Projector:
                 context=context,
                 paused=live.status == "paused",
                 state_before=before,
+                global_control=self._cache.global_control(event.workspace_id),
             ):
                 effects.decisions.append(_decision_row(decision))
                 if decision.kind is DecisionKind.TRIGGERED:
@@ -643,6 +826,7 @@ class Projector:
     ) -> None:
         assert decision.instance_id is not None
         assert decision.due_at is not None
+        group = str(decision.detail["group"])
         instance = store.Instance(
             instance_id=str(decision.instance_id),
             workspace_id=event.workspace_id,
@@ -654,7 +838,18 @@ class Projector:
             trigger_event=_event_document(event),
             state="pending",
             due_at=decision.due_at,
+            experiment_group=group,
+            experiment_bucket=float(decision.detail["bucket"]),
+            experiment_salt=str(decision.detail["salt"]),
+            entered_at=decision.decided_at,
         )
+        if campaign.definition.conversion is not None:
+            effects.entered.setdefault((event.workspace_id, event.user_id), []).append(instance)
+        global_control = self._cache.global_control(event.workspace_id)
+        if campaign.definition.kind != "marketing":
+            global_control = None
+        if campaign.definition.experiment is not None or group == GLOBAL_CONTROL:
+            effects.events.append(assigned_event(campaign, instance, global_control))
         if decision.delayed_until is None:
             self._send_now(campaign, event, state, member, instance, effects)
             return
@@ -699,12 +894,27 @@ class Projector:
     ) -> None:
         now = decision_time(state)
         decision = decide_at_fire(
-            campaign, event, state, member.membership(), now, instance=UUID(instance.instance_id)
+            campaign,
+            event,
+            state,
+            member.membership(),
+            now,
+            instance=UUID(instance.instance_id),
+            group=instance.experiment_group,
         )
         effects.decisions.append(_decision_row(decision))
-        if decision.kind is DecisionKind.SEND_PLANNED:
-            effects.instances.append(replace(instance, state="sent"))
-            effects.outbox.append(self._planner.send_request(campaign, decision, event, state, now))
+        if decision.kind in (DecisionKind.SEND_PLANNED, DecisionKind.HELD_OUT):
+            assert decision.send_id is not None
+            state_name = "sent" if decision.kind is DecisionKind.SEND_PLANNED else "held_out"
+            effects.instances.append(
+                replace(instance, state=state_name, exposed_at=now, send_id=str(decision.send_id))
+            )
+            if decision.kind is DecisionKind.SEND_PLANNED:
+                effects.outbox.append(
+                    self._planner.send_request(
+                        campaign, decision, event, state, now, instance.experiment_group
+                    )
+                )
             member.last_sent_at = now
             return
         effects.instances.append(replace(instance, state="suppressed"))
@@ -776,13 +986,26 @@ class TimerHandler:
                 now,
                 instance=UUID(instance.instance_id),
                 paused=status == "paused",
+                group=instance.experiment_group,
             )
             effects = _Effects(decisions=[_decision_row(decision)])
-            if decision.kind is DecisionKind.SEND_PLANNED:
-                effects.sent_instances.append(instance.instance_id)
-                effects.outbox.append(
-                    self._planner.send_request(campaign, decision, trigger, state, now)
+            if decision.kind in (DecisionKind.SEND_PLANNED, DecisionKind.HELD_OUT):
+                assert decision.send_id is not None
+                sent = decision.kind is DecisionKind.SEND_PLANNED
+                effects.exposures.append(
+                    store.Exposure(
+                        instance.instance_id,
+                        "sent" if sent else "held_out",
+                        now,
+                        str(decision.send_id),
+                    )
                 )
+                if sent:
+                    effects.outbox.append(
+                        self._planner.send_request(
+                            campaign, decision, trigger, state, now, instance.experiment_group
+                        )
+                    )
             elif decision.kind not in (DecisionKind.PAUSED, DecisionKind.STILL_ACTIVE):
                 effects.suppressed_instances.append(instance.instance_id)
             await effects.write(conn)
@@ -899,17 +1122,25 @@ def validate_campaign(document: Mapping[str, Any]) -> CampaignDefinition:
     try:
         definition = parse_campaign(document)
         compile_campaign(definition)
-        for index, branch in enumerate(definition.messages):
-            for name, template in branch.message.to_dict().items():
-                if name == "channel" or template is None:
-                    continue
-                for text in _strings(template):
-                    try:
-                        validate_template(text)
-                    except RenderError as error:
-                        raise CampaignError(
-                            f"messages[{index}].message.{name}", str(error)
-                        ) from None
+        fields: list[tuple[str, Any]] = [
+            (f"messages[{index}].message.{name}", template)
+            for index, branch in enumerate(definition.messages)
+            for name, template in branch.message.to_dict().items()
+        ]
+        if definition.experiment is not None:
+            fields.extend(
+                (f"experiment.variants[{index}].message.{name}", template)
+                for index, variant in enumerate(definition.experiment.variants)
+                for name, template in (variant.message or {}).items()
+            )
+        for path, template in fields:
+            if path.endswith(".channel") or template is None:
+                continue
+            for text in _strings(template):
+                try:
+                    validate_template(text)
+                except RenderError as error:
+                    raise CampaignError(path, str(error)) from None
     except CampaignError as error:
         raise InvalidArgumentError(error.message, error.path) from None
     return definition

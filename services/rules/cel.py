@@ -70,7 +70,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import lru_cache
 from typing import Any, Final
 
@@ -80,8 +81,11 @@ from services.rules.domain import (
     ActionTrigger,
     CampaignDefinition,
     CampaignError,
+    MessageBranch,
     ThresholdTrigger,
+    override_messages,
 )
+from services.rules.experiments import analysis_horizon
 
 MAX_SOURCE_CHARS: Final = 4096
 COMPILE_CACHE_SIZE: Final = 2048
@@ -303,6 +307,7 @@ AUDIENCE_VARIABLES: Final = ("user",)
 THRESHOLD_VARIABLES: Final = ("user",)
 EXCEPTION_VARIABLES: Final = ("exception", "trigger", "user")
 WHEN_VARIABLES: Final = ("user", "event", "trigger")
+CONVERSION_VARIABLES: Final = ("conversion", "trigger", "user")
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +332,20 @@ class CompiledCampaign:
     referenced_event_names: frozenset[str] | None
     sum_properties: frozenset[str]
     trigger_event_names: frozenset[str] | None = None
+    conversion_match: CompiledExpression | None = None
+    group_delays: Mapping[str, timedelta] = field(default_factory=dict)
+    group_messages: Mapping[str, tuple[MessageBranch, ...]] = field(default_factory=dict)
+    horizon: timedelta | None = None
+    """How long after entry a conversion counts for the stats (None: no `conversion:`)."""
+
+    def delay_for(self, group: str | None) -> timedelta:
+        """The delay of an experiment group (the campaign's own for control groups, unknown
+        groups and None)."""
+        return self.group_delays.get(group or "", self.definition.delay)
+
+    def messages_for(self, group: str | None) -> tuple[MessageBranch, ...]:
+        """The message branches of an experiment group (with the variant's overrides)."""
+        return self.group_messages.get(group or "", self.definition.messages)
 
 
 def _predicate(
@@ -396,10 +415,30 @@ def compile_campaign(definition: CampaignDefinition, version: int = 0) -> Compil
         _predicate(branch.when, WHEN_VARIABLES, f"messages[{index}].when")
         for index, branch in enumerate(definition.messages)
     )
+    conversion = definition.conversion
+    conversion_match = _predicate(
+        None if conversion is None else conversion.match, CONVERSION_VARIABLES, "conversion.match"
+    )
+    group_delays: dict[str, timedelta] = {}
+    group_messages: dict[str, tuple[MessageBranch, ...]] = {}
+    if definition.experiment is not None:
+        for index, variant in enumerate(definition.experiment.variants):
+            group_delays[variant.name] = (
+                definition.delay if variant.delay is None else variant.delay
+            )
+            group_messages[variant.name] = override_messages(
+                definition.messages,
+                variant.message or {},
+                f"experiment.variants[{index}].message",
+            )
     texts = [source for _, source in definition.expressions()]
-    for branch in definition.messages:
-        for template in branch.message.templates():
-            texts.extend(template_expressions(template))
+    for branches in (definition.messages, *group_messages.values()):
+        for branch in branches:
+            for template in branch.message.templates():
+                texts.extend(template_expressions(template))
+    horizon = None
+    if conversion is not None:
+        horizon = analysis_horizon(definition.to_dict(), definition.experiment, conversion)
     return CompiledCampaign(
         definition=definition,
         version=version,
@@ -415,4 +454,8 @@ def compile_campaign(definition: CampaignDefinition, version: int = 0) -> Compil
             if isinstance(trigger, ThresholdTrigger)
             else frozenset({trigger.event})
         ),
+        conversion_match=conversion_match,
+        group_delays=group_delays,
+        group_messages=group_messages,
+        horizon=horizon,
     )

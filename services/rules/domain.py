@@ -33,7 +33,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
-from typing import Any, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+
+if TYPE_CHECKING:  # experiments imports this module's duration syntax; parsed lazily below
+    from services.rules.experiments import Conversion, Experiment
 
 # --------------------------------------------------------------------------------------------
 # Durations
@@ -244,6 +247,8 @@ class CampaignDefinition:
     kind: CampaignKind = "marketing"
     priority: int = 0
     correlation_key: str | None = None
+    experiment: Experiment | None = None
+    conversion: Conversion | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -264,6 +269,10 @@ class CampaignDefinition:
         if self.correlation_key is not None:
             out["correlation_key"] = self.correlation_key
         out["messages"] = [branch.to_dict() for branch in self.messages]
+        if self.experiment is not None:
+            out["experiment"] = self.experiment.to_dict()
+        if self.conversion is not None:
+            out["conversion"] = self.conversion.to_dict()
         return out
 
     def definition_hash(self) -> str:
@@ -291,11 +300,15 @@ class CampaignDefinition:
         for index, branch in enumerate(self.messages):
             if branch.when is not None:
                 found.append((f"messages[{index}].when", branch.when))
+        if self.conversion is not None and self.conversion.match is not None:
+            found.append(("conversion.match", self.conversion.match))
         return tuple(found)
 
     def referenced_event_names(self) -> frozenset[str]:
-        """Event names the definition itself names (trigger and exceptions)."""
+        """Event names the definition itself names (trigger, exceptions, conversion)."""
         names = {rule.event for rule in self.exceptions}
+        if self.conversion is not None:
+            names.add(self.conversion.event)
         if not isinstance(self.trigger, ThresholdTrigger):
             names.add(self.trigger.event)
         return frozenset(names)
@@ -323,6 +336,8 @@ _TOP_LEVEL_KEYS: Final = frozenset(
         "kind",
         "priority",
         "correlation_key",
+        "experiment",
+        "conversion",
     }
 )
 
@@ -359,6 +374,16 @@ def parse_campaign(doc: Mapping[str, Any]) -> CampaignDefinition:
             raise CampaignError("correlation_key", "must be a property name of the trigger event")
         if not isinstance(trigger, ActionTrigger):
             raise CampaignError("correlation_key", "is only supported with an action trigger")
+    from services.rules.experiments import ExperimentError, parse_blocks
+
+    try:
+        blocks = parse_blocks(doc)
+    except ExperimentError as error:
+        raise CampaignError(error.path, error.message) from None
+    if blocks.experiment is not None and kind == "transactional":
+        raise CampaignError(
+            "experiment", "transactional campaigns cannot hold users out or split them"
+        )
     return CampaignDefinition(
         id=campaign_id,
         name=name,
@@ -372,6 +397,8 @@ def parse_campaign(doc: Mapping[str, Any]) -> CampaignDefinition:
         kind=kind,  # type: ignore[arg-type]
         priority=priority,
         correlation_key=correlation_key,
+        experiment=blocks.experiment,
+        conversion=blocks.conversion,
     )
 
 
@@ -522,6 +549,23 @@ def _parse_messages(doc: Mapping[str, Any]) -> tuple[MessageBranch, ...]:
             )
         )
     return tuple(branches)
+
+
+def override_messages(
+    branches: tuple[MessageBranch, ...], overrides: Mapping[str, Any], path: str
+) -> tuple[MessageBranch, ...]:
+    """`branches` with `overrides` (message fields, as an experiment variant gives them)
+    replacing the fields of every branch's message; each result is validated as a message
+    (errors name `path`)."""
+    if not overrides:
+        return branches
+    return tuple(
+        MessageBranch(
+            message=_parse_message({**branch.message.to_dict(), **overrides}, path),
+            when=branch.when,
+        )
+        for branch in branches
+    )
 
 
 def _parse_message(value: Any, path: str) -> Message:
@@ -1142,6 +1186,8 @@ class PendingInstance:
     correlation: str
     trigger: RecordedEvent
     due_at: datetime
+    group: str | None = None
+    """The experiment group assigned at entry (its delay re-arms an inactivity instance)."""
 
 
 def is_reeligible(
@@ -1192,6 +1238,7 @@ class DecisionKind(StrEnum):
     STILL_ACTIVE = "still_active"
     RESUMED = "resumed"
     SEND_PLANNED = "send_planned"
+    HELD_OUT = "held_out"
     NO_MATCHING_MESSAGE = "no_matching_message"
     ERROR = "error"
 
@@ -1205,7 +1252,8 @@ class Decision:
     pending `instance_id` is cancelled by an exception event (`event_id`) or superseded by a new
     version. `still_active` (inactivity, at fire time): the instance stays pending. `resumed`:
     the pending `instance_id`'s timer is re-armed because its campaign was resumed.
-    `send_planned` (at fire time): `branch` (index into `messages`) and `send_id`.
+    `send_planned` (at fire time): `branch` (index into `messages`) and `send_id`. `held_out`
+    (at fire time, a user in a control group): what `send_planned` would have been, not sent.
     `error`: `error` holds the message and `detail` the failing expression's path and source.
     `detail` is what the decision record stores beyond kind and reason.
     """

@@ -65,6 +65,7 @@ from services.rules.domain import (
     is_reeligible,
     send_id,
 )
+from services.rules.experiments import RESERVED_GROUPS, Assignment, GlobalControl, assign
 
 
 def cel_event(event: RecordedEvent) -> dict[str, Any]:
@@ -221,7 +222,7 @@ def _context_for(
 class _Decider:
     """Shared fields of the decisions about one campaign and one cause."""
 
-    __slots__ = ("campaign", "event", "instance", "now")
+    __slots__ = ("_assignment", "campaign", "event", "global_control", "instance", "now")
 
     def __init__(
         self,
@@ -229,11 +230,29 @@ class _Decider:
         event: RecordedEvent,
         now: datetime,
         instance: UUID | None = None,
+        *,
+        global_control: GlobalControl | None = None,
     ) -> None:
         self.campaign = campaign
         self.event = event
         self.now = now
         self.instance = instance
+        self.global_control = global_control
+        self._assignment: Assignment | None = None
+
+    @property
+    def assignment(self) -> Assignment:
+        """The user's experiment group in this campaign (computed once, when needed)."""
+        if self._assignment is None:
+            definition = self.campaign.definition
+            self._assignment = assign(
+                self.event.workspace_id,
+                definition.id,
+                self.event.user_id,
+                definition.experiment,
+                global_control=self.global_control if definition.kind == "marketing" else None,
+            )
+        return self._assignment
 
     def decide(self, kind: DecisionKind, reason: str, **extra: Any) -> Decision:
         if self.instance is not None:
@@ -290,8 +309,13 @@ def decide_on_event(
     context: EvaluationContext | None = None,
     paused: bool | None = None,
     state_before: UserState | None = None,
+    global_control: GlobalControl | None = None,
 ) -> list[Decision]:
     """Decisions of one campaign about one event (`state_after` already includes the event).
+
+    An entry (`triggered`) is assigned its experiment group (`experiments.assign`; the
+    workspace's `global_control` applies to marketing campaigns only): the decision's `detail`
+    holds `group`, `bucket` and `salt`, and its due time uses the group's delay.
 
     `paused` overrides the definition's status (the live status is kept beside the version).
     `state_before` is the user's state before the event (None for a new user); only threshold
@@ -304,16 +328,20 @@ def decide_on_event(
     if isinstance(trigger, ActionTrigger):
         if trigger.event != event.name:
             return []
-        return _decide_action(campaign, event, state_after, membership, now, context, paused)
+        return _decide_action(
+            campaign, event, state_after, membership, now, context, paused, global_control
+        )
     if isinstance(trigger, InactivityTrigger):
         if trigger.event != event.name:
             return []
-        return _decide_inactivity(campaign, trigger, event, state_after, membership, now, paused)
+        return _decide_inactivity(
+            campaign, trigger, event, state_after, membership, now, paused, global_control
+        )
     if isinstance(trigger, AfterFirstTrigger):
         stats = state_after.events.get(trigger.event)
         if trigger.event != event.name or stats is None or stats.count != 1:
             return []
-        decider = _Decider(campaign, event, now)
+        decider = _Decider(campaign, event, now, global_control=global_control)
         return [
             _enter(
                 decider,
@@ -321,12 +349,21 @@ def decide_on_event(
                 _context_for(campaign, event, state_after, now, context),
                 membership,
                 paused,
-                due_at=stats.first_at + trigger.offset + campaign.definition.delay,
+                base_due=stats.first_at + trigger.offset,
                 why=f"first {event.name}; due {format_duration(trigger.offset)} later",
             )
         ]
     return _decide_threshold(
-        campaign, trigger, event, state_before, state_after, membership, now, context, paused
+        campaign,
+        trigger,
+        event,
+        state_before,
+        state_after,
+        membership,
+        now,
+        context,
+        paused,
+        global_control,
     )
 
 
@@ -338,9 +375,10 @@ def _decide_action(
     now: datetime,
     context: EvaluationContext | None,
     paused: bool | None,
+    global_control: GlobalControl | None,
 ) -> list[Decision]:
     definition = campaign.definition
-    decider = _Decider(campaign, event, now)
+    decider = _Decider(campaign, event, now, global_control=global_control)
     if _is_paused(campaign, paused):
         return [decider.decide(DecisionKind.PAUSED, "campaign is paused")]
     correlation = ""
@@ -365,7 +403,7 @@ def _decide_action(
             data,
             membership,
             False,
-            due_at=now + definition.delay,
+            base_due=now,
             correlation=correlation,
             where=campaign.where,
         )
@@ -379,14 +417,15 @@ def _enter(
     membership: Membership,
     paused: bool | None,
     *,
-    due_at: datetime,
+    base_due: datetime,
     correlation: str = "",
     where: CompiledExpression | None = None,
     why: str = "",
-    eligible_at: datetime | None = None,
+    eligible_at_due: bool = False,
 ) -> Decision:
     """The checks every trigger shares once it fired: paused → one pending instance →
-    re-eligibility (at `eligible_at`, default now) → `where` → `audience` → triggered."""
+    re-eligibility (at the due time with `eligible_at_due`, else now) → `where` → `audience` →
+    triggered, due at `base_due` plus the delay of the user's experiment group."""
     definition = campaign.definition
     if _is_paused(campaign, paused):
         return decider.decide(DecisionKind.PAUSED, "campaign is paused")
@@ -395,9 +434,11 @@ def _enter(
             f" for {definition.correlation_key} {correlation!r}" if correlation else ""
         )
         return decider.decide(DecisionKind.ALREADY_PENDING, reason, correlation=correlation)
-    if not is_reeligible(
-        definition.reeligibility, membership.last_sent_at, eligible_at or decider.now
-    ):
+    if eligible_at_due:
+        eligible_at = base_due + campaign.delay_for(decider.assignment.group)
+    else:
+        eligible_at = decider.now
+    if not is_reeligible(definition.reeligibility, membership.last_sent_at, eligible_at):
         assert membership.last_sent_at is not None
         reason = _not_reeligible_reason(definition.reeligibility, membership.last_sent_at)
         return decider.decide(DecisionKind.NOT_REELIGIBLE, reason, correlation=correlation)
@@ -412,11 +453,16 @@ def _enter(
     if not passed:
         return decider.decide(DecisionKind.AUDIENCE_EXCLUDED, "audience is false")
     event = decider.event
+    assignment = decider.assignment
+    due_at = base_due + campaign.delay_for(assignment.group)
     delayed = due_at > decider.now
     when = f"delayed until {due_at.isoformat()}" if delayed else "send now"
+    reason = f"{why}; {when}" if why else when
+    if definition.experiment is not None or assignment.held_out:
+        reason = f"{reason}; {assignment.reason}"
     return decider.decide(
         DecisionKind.TRIGGERED,
-        f"{why}; {when}" if why else when,
+        reason,
         instance_id=instance_id(
             event.workspace_id,
             definition.id,
@@ -428,6 +474,11 @@ def _enter(
         correlation=correlation,
         due_at=due_at,
         delayed_until=due_at if delayed else None,
+        detail={
+            "group": assignment.group,
+            "bucket": assignment.bucket,
+            "salt": definition.experiment.salt if definition.experiment is not None else "",
+        },
     )
 
 
@@ -439,10 +490,10 @@ def _decide_inactivity(
     membership: Membership,
     now: datetime,
     paused: bool | None,
+    global_control: GlobalControl | None,
 ) -> list[Decision]:
     definition = campaign.definition
-    decider = _Decider(campaign, event, now)
-    due_at = now + trigger.duration + definition.delay
+    decider = _Decider(campaign, event, now, global_control=global_control)
     quiet = f"no {trigger.event} for {format_duration(trigger.duration)}"
     pending = membership.pending_instance("")
     decisions: list[Decision] = []
@@ -450,6 +501,7 @@ def _decide_inactivity(
         if pending is None:  # the caller did not say which instance: nothing to re-arm
             return [decider.decide(DecisionKind.ALREADY_PENDING, "an instance is already pending")]
         if pending.version == campaign.version or _is_paused(campaign, paused):
+            due_at = now + trigger.duration + campaign.delay_for(pending.group)
             return [
                 decider.decide(
                     DecisionKind.REARMED,
@@ -493,9 +545,9 @@ def _decide_inactivity(
             data,
             membership,
             paused,
-            due_at=due_at,
+            base_due=now + trigger.duration,
             why=f"armed by {event.name}: sends if {quiet}",
-            eligible_at=due_at,
+            eligible_at_due=True,
         )
     )
     return decisions
@@ -517,11 +569,12 @@ def _decide_threshold(
     now: datetime,
     context: EvaluationContext | None,
     paused: bool | None,
+    global_control: GlobalControl | None,
 ) -> list[Decision]:
     names = campaign.trigger_event_names
     if names is not None and event.name not in names:
         return []
-    decider = _Decider(campaign, event, now)
+    decider = _Decider(campaign, event, now, global_control=global_control)
     after = _threshold_value(
         campaign, _context_for(campaign, event, state_after, now, context), decider
     )
@@ -549,7 +602,7 @@ def _decide_threshold(
             data,
             membership,
             paused,
-            due_at=now + campaign.definition.delay,
+            base_due=now,
             why="threshold crossed",
         )
     ]
@@ -624,8 +677,14 @@ def decide_at_fire(
     *,
     instance: UUID | None = None,
     paused: bool | None = None,
+    group: str | None = None,
 ) -> Decision:
     """Re-check a pending instance when its timer fires, against fresh state.
+
+    `group` is the instance's experiment group: its delay re-arms an inactivity instance, its
+    messages are the variant's, and for a held-out group (`control`, `global_control`) the
+    decision that would have been `send_planned` is `held_out` (same branch and send id;
+    nothing is sent, the user is measured).
 
     `instance` is the pending instance's id (copied into the decision). `membership` is the
     user's history with the campaign excluding this instance (its own pending
@@ -643,7 +702,7 @@ def decide_at_fire(
     if isinstance(trigger, InactivityTrigger):
         stats = state.events.get(trigger.event)
         if stats is not None and stats.last_at + trigger.duration > now:
-            due_at = stats.last_at + trigger.duration + definition.delay
+            due_at = stats.last_at + trigger.duration + campaign.delay_for(group)
             return decider.decide(
                 DecisionKind.STILL_ACTIVE,
                 f"re-checked: {trigger.event} at {stats.last_at.isoformat()}, not inactive for "
@@ -665,10 +724,13 @@ def decide_at_fire(
         if isinstance(passed, Decision):
             return passed
         if passed:
-            channel = definition.messages[index].message.channel
+            channel = campaign.messages_for(group)[index].message.channel
+            held_out = group in RESERVED_GROUPS
             return decider.decide(
-                DecisionKind.SEND_PLANNED,
-                f"re-checked and sent: message {index} ({channel})",
+                DecisionKind.HELD_OUT if held_out else DecisionKind.SEND_PLANNED,
+                f"re-checked; would have sent message {index} ({channel}); held out: {group}"
+                if held_out
+                else f"re-checked and sent: message {index} ({channel})",
                 branch=index,
                 send_id=send_id(
                     trigger_event.workspace_id,

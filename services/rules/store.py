@@ -115,11 +115,25 @@ async def set_campaign_status(
     return saved, current.status
 
 
-async def campaigns_generation(conn: Queryable) -> tuple[int, datetime | None]:
-    """Changes whenever any campaign changes (to invalidate caches)."""
-    row = await conn.fetchrow("SELECT count(*) AS n, max(updated_at) AS t FROM campaigns")
+async def campaigns_generation(conn: Queryable) -> tuple[int, datetime | None, int]:
+    """Changes whenever any campaign or workspace policy changes (to invalidate caches)."""
+    row = await conn.fetchrow(
+        """SELECT count(*) AS n, max(updated_at) AS t,
+                  (SELECT coalesce(sum(version), 0) FROM workspace_policies) AS p
+           FROM campaigns"""
+    )
     assert row is not None
-    return int(row["n"]), row["t"]
+    return int(row["n"]), row["t"], int(row["p"])
+
+
+async def global_controls(conn: Queryable) -> dict[str, dict[str, Any]]:
+    """Each workspace's `global_control` block of its policy (`nudge workspace apply`), by
+    workspace id. The policy is dispatch's document; rules only reads this one block."""
+    rows = await conn.fetch(
+        """SELECT workspace_id, policy->'global_control' AS control FROM workspace_policies
+           WHERE policy ? 'global_control'"""
+    )
+    return {r["workspace_id"]: dict(r["control"]) for r in rows if r["control"]}
 
 
 async def save_campaign_version(
@@ -229,11 +243,18 @@ class Instance:
     trigger_event: dict[str, Any]
     state: str
     due_at: datetime
+    experiment_group: str | None = None
+    experiment_bucket: float | None = None
+    experiment_salt: str | None = None
+    entered_at: datetime | None = None
+    exposed_at: datetime | None = None
+    send_id: str | None = None
 
 
 _INSTANCE_COLUMNS = """i.instance_id::text AS instance_id, i.workspace_id, i.campaign_id,
                        i.version, i.user_id, i.correlation, i.trigger_event_id, i.trigger_event,
-                       i.state, i.due_at"""
+                       i.state, i.due_at, i.experiment_group, i.experiment_bucket,
+                       i.experiment_salt, i.entered_at, i.exposed_at, i.send_id::text AS send_id"""
 
 
 async def insert_instances(conn: Conn, instances: Sequence[Instance]) -> None:
@@ -242,8 +263,11 @@ async def insert_instances(conn: Conn, instances: Sequence[Instance]) -> None:
         return
     await conn.executemany(
         """INSERT INTO campaign_instances (instance_id, workspace_id, campaign_id, version,
-               user_id, correlation, trigger_event_id, trigger_event, state, due_at)
-           VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+               user_id, correlation, trigger_event_id, trigger_event, state, due_at,
+               experiment_group, experiment_bucket, experiment_salt, entered_at, exposed_at,
+               send_id)
+           VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                   $16::uuid)
            ON CONFLICT (instance_id) DO NOTHING""",
         [
             (
@@ -257,6 +281,12 @@ async def insert_instances(conn: Conn, instances: Sequence[Instance]) -> None:
                 i.trigger_event,
                 i.state,
                 i.due_at,
+                i.experiment_group,
+                i.experiment_bucket,
+                i.experiment_salt,
+                i.entered_at,
+                i.exposed_at,
+                i.send_id,
             )
             for i in instances
         ],
@@ -273,13 +303,35 @@ async def lock_instance(conn: Conn, instance_id: str) -> Instance | None:
     return None if row is None else Instance(**dict(row))
 
 
+@dataclass(frozen=True)
+class Exposure:
+    """A pending instance sent (`sent`) or held out (`held_out`) at `exposed_at`."""
+
+    instance_id: str
+    state: str
+    exposed_at: datetime
+    send_id: str
+
+
 async def set_instance_state(conn: Conn, instance_id: str, state: str) -> None:
-    """Move an instance to sent, cancelled or suppressed."""
+    """Move an instance to cancelled or suppressed."""
     await conn.execute(
         "UPDATE campaign_instances SET state = $2, updated_at = nudge_now()"
         " WHERE instance_id = $1::uuid",
         instance_id,
         state,
+    )
+
+
+async def expose_instances(conn: Conn, exposures: Sequence[Exposure]) -> None:
+    """Record sends and hold-outs: the state, when, and the (would-be) send's id."""
+    if not exposures:
+        return
+    await conn.executemany(
+        """UPDATE campaign_instances SET state = $2, exposed_at = $3, send_id = $4::uuid,
+                  updated_at = nudge_now()
+           WHERE instance_id = $1::uuid""",
+        [(e.instance_id, e.state, e.exposed_at, e.send_id) for e in exposures],
     )
 
 
@@ -302,7 +354,8 @@ async def member_summaries(
     rows = await conn.fetch(
         """SELECT i.workspace_id, i.user_id, i.campaign_id,
                   max(i.created_at) AS last_entered_at,
-                  max(i.due_at) FILTER (WHERE i.state = 'sent') AS last_sent_at
+                  max(coalesce(i.exposed_at, i.due_at))
+                      FILTER (WHERE i.state IN ('sent', 'held_out')) AS last_sent_at
            FROM unnest($1::text[], $2::text[]) AS k(w, u)
            JOIN campaign_instances i ON i.workspace_id = k.w AND i.user_id = k.u
            WHERE $3::uuid IS NULL OR i.instance_id <> $3::uuid
@@ -570,3 +623,58 @@ ORDER BY user_id, tx_id, global_position
 """A workspace's events up to a projection checkpoint, each user's in commit order (the order
 the projector applied them), one user after another so that a replay holds one state at a
 time."""
+
+
+# --------------------------------------------------------------------------------------------
+# conversions
+
+
+async def conversion_instances(
+    conn: Queryable,
+    keys: Iterable[tuple[str, str]],
+    campaign_ids: Sequence[str],
+    entered_after: datetime,
+) -> list[Instance]:
+    """The users' instances of these campaigns entered after `entered_after`, in entry order
+    (the candidates a conversion event may count for; any state: a cancelled or held-out
+    instance converts too)."""
+    pairs = list(keys)
+    rows = await conn.fetch(
+        f"""SELECT {_INSTANCE_COLUMNS}
+            FROM unnest($1::text[], $2::text[]) AS k(w, u)
+            JOIN campaign_instances i ON i.workspace_id = k.w AND i.user_id = k.u
+            WHERE i.campaign_id = ANY($3::text[]) AND i.entered_at > $4
+            ORDER BY i.entered_at, i.instance_id""",
+        [w for w, _ in pairs],
+        [u for _, u in pairs],
+        list(campaign_ids),
+        entered_after,
+    )
+    return [Instance(**dict(r)) for r in rows]
+
+
+@dataclass(frozen=True)
+class ConversionRow:
+    """A conversion event counted for an instance."""
+
+    instance_id: str
+    event_id: str
+    workspace_id: str
+    campaign_id: str
+    user_id: str
+    converted_at: datetime
+
+
+async def insert_conversions(conn: Conn, rows: Sequence[ConversionRow]) -> None:
+    """Record conversions; one already recorded is left as it is (replay no-op)."""
+    if not rows:
+        return
+    await conn.executemany(
+        """INSERT INTO campaign_conversions (instance_id, event_id, workspace_id, campaign_id,
+               user_id, converted_at)
+           VALUES ($1::uuid, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING""",
+        [
+            (r.instance_id, r.event_id, r.workspace_id, r.campaign_id, r.user_id, r.converted_at)
+            for r in rows
+        ],
+    )
