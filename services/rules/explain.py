@@ -28,6 +28,7 @@ _LABELS: Mapping[str, str] = {
     "still_active": "not sent",
     "resumed": "resumed",
     "send_planned": "re-checked and sent",
+    "held_out": "held out (not sent)",
     "no_matching_message": "not sent",
     "error": "error",
 }

@@ -520,6 +520,7 @@ class VerifyProjectionResponse(_message.Message):
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     MISMATCH_COUNT_FIELD_NUMBER: _builtins.int
     MISMATCHES_FIELD_NUMBER: _builtins.int
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     match: _builtins.bool
     """True when every user's replayed state and last position equal the live ones."""
     users: _builtins.int
@@ -530,6 +531,10 @@ class VerifyProjectionResponse(_message.Message):
     """The live checkpoint the replay stopped at, as `<tx_id>/<global_position>`."""
     mismatch_count: _builtins.int
     """Number of users that differ."""
+    assignments: _builtins.int
+    """`$experiment.assigned` events whose group was recomputed from the campaign version, the
+    recorded salt and global control (a different result is an `assignment` mismatch).
+    """
     @_builtins.property
     def mismatches(self) -> _containers.RepeatedCompositeFieldContainer[Global___UserMismatch]:
         """The first differing users (at most 100)."""
@@ -543,10 +548,11 @@ class VerifyProjectionResponse(_message.Message):
         checkpoint: _builtins.str = ...,
         mismatch_count: _builtins.int = ...,
         mismatches: _abc.Iterable[Global___UserMismatch] | None = ...,
+        assignments: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "events", b"events", "match", b"match", "mismatch_count", b"mismatch_count", "mismatches", b"mismatches", "users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "checkpoint", b"checkpoint", "events", b"events", "match", b"match", "mismatch_count", b"mismatch_count", "mismatches", b"mismatches", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
