@@ -11,8 +11,9 @@ from nudge.auth import KeyVerifier
 from nudge.grpcserver import InvalidArgumentError, NotFoundError, bearer, maps_errors
 from nudge.protoconv import dict_to_struct, struct_to_dict, to_timestamp
 from nudge.rules.v1 import rules_pb2, rules_pb2_grpc
-from services.rules import explain, replay, store
+from services.rules import campaign_stats, explain, replay, stats, store
 from services.rules.application import CampaignAdmin, UserViews
+from services.rules.domain import format_duration
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -27,9 +28,60 @@ def _campaign(version: store.CampaignVersion) -> rules_pb2.Campaign:
     )
 
 
+def _interval(bounds: tuple[float, float] | None) -> rules_pb2.RateInterval | None:
+    return None if bounds is None else rules_pb2.RateInterval(low=bounds[0], high=bounds[1])
+
+
+def _comparison(comparison: stats.Comparison | None) -> rules_pb2.VariantComparison | None:
+    if comparison is None:
+        return None
+    verdict = comparison.verdict
+    return rules_pb2.VariantComparison(
+        baseline=comparison.baseline,
+        absolute_uplift=comparison.absolute_uplift,
+        relative_uplift=comparison.relative_uplift,
+        uplift_interval=_interval(comparison.difference_interval),
+        test=comparison.test.method if comparison.test is not None else "",
+        p_value=comparison.test.p_value if comparison.test is not None else None,
+        adjusted_p_value=comparison.adjusted_p_value,
+        verdict=verdict.kind.value,
+        verdict_text=verdict.text,
+        users_needed_per_arm=verdict.users_needed_per_arm or 0,
+        target_difference=verdict.target_difference or 0.0,
+    )
+
+
+def _group_stats(group: campaign_stats.GroupStats) -> rules_pb2.CampaignGroupStats:
+    arm = group.arm
+    return rules_pb2.CampaignGroupStats(
+        group=group.group,
+        role=group.role,
+        entered=group.entered,
+        instances=group.instances,
+        pending=group.pending,
+        held_out=group.held_out,
+        cancelled=group.cancelled,
+        cancelled_by_exception=group.cancelled_by_exception,
+        suppressed=group.suppressed,
+        suppressed_reasons=dict(group.suppressed_reasons),
+        sent=group.sent,
+        delivered=group.delivered,
+        failed=group.failed,
+        suppressed_downstream=group.suppressed_downstream,
+        suppressed_codes=dict(group.suppressed_codes),
+        opened=group.opened,
+        clicked=group.clicked,
+        converted=group.converted,
+        converted_attributed=group.converted_attributed,
+        rate=arm.rate if arm is not None else None,
+        rate_interval=_interval(arm.interval if arm is not None else None),
+        comparison=_comparison(group.comparison),
+    )
+
+
 class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
     """ApplyCampaign, GetCampaign, ListCampaigns, GetUser, PauseCampaign, ResumeCampaign,
-    ExplainDecisions, VerifyProjection."""
+    ExplainDecisions, VerifyProjection, GetCampaignStats."""
 
     def __init__(
         self, pool: asyncpg.Pool, verifier: KeyVerifier, admin: CampaignAdmin, users: UserViews
@@ -154,8 +206,31 @@ class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
             events=report.events,
             checkpoint=f"{report.checkpoint.tx_id}/{report.checkpoint.position}",
             mismatch_count=report.mismatch_count,
+            assignments=report.assignments,
             mismatches=[
                 rules_pb2.UserMismatch(user_id=m.user_id, problem=m.problem, fields=m.fields)
                 for m in report.mismatches
             ],
+        )
+
+    @maps_errors
+    async def GetCampaignStats(
+        self, request: rules_pb2.GetCampaignStatsRequest, context: Context
+    ) -> rules_pb2.GetCampaignStatsResponse:
+        """Per-group counts, conversion rates, uplift and verdicts since the current salt."""
+        workspace_id = await self._workspace(context)
+        if not request.campaign_id:
+            raise InvalidArgumentError("is required", "campaign_id")
+        report = await campaign_stats.campaign_stats(self._pool, workspace_id, request.campaign_id)
+        conversion = report.conversion
+        return rules_pb2.GetCampaignStatsResponse(
+            campaign_id=report.campaign_id,
+            version=report.version,
+            salt=report.salt,
+            baseline=report.baseline or "",
+            conversion_event=conversion.event if conversion is not None else "",
+            conversion_within=format_duration(conversion.within) if conversion is not None else "",
+            horizon=format_duration(report.horizon) if report.horizon is not None else "",
+            groups=[_group_stats(group) for group in report.groups],
+            users_in_several_groups=report.users_in_several_groups,
         )
