@@ -1,9 +1,11 @@
-"""Rules commands: `nudge why`, `nudge replay`, `nudge campaigns pause|resume` (RulesService).
+"""Rules commands: `nudge why`, `nudge replay`, `nudge stats`, `nudge campaigns pause|resume`
+(RulesService).
 
 `nudge why USER CAMPAIGN` lists every decision the rules engine recorded for the user and
 campaign, with the outcome dispatch reported for each send; `nudge replay` rebuilds the
 workspace's user states from the event store and reports whether they equal the live
-projection (exit 1 when they do not).
+projection (exit 1 when they do not); `nudge stats CAMPAIGN` reports the campaign's experiment
+per group, with rates, uplift and a plain-language verdict per variant.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def run_replay(args: argparse.Namespace) -> int:
             "events": report.events,
             "checkpoint": report.checkpoint,
             "mismatch_count": report.mismatch_count,
+            "assignments": report.assignments,
             "mismatches": [
                 {"user_id": m.user_id, "problem": m.problem, "fields": list(m.fields)}
                 for m in report.mismatches
@@ -92,6 +95,11 @@ def run_replay(args: argparse.Namespace) -> int:
         print(
             f"match: {report.users} users rebuilt from {report.events} events "
             f"(up to checkpoint {report.checkpoint}) equal the live projection"
+            + (
+                f"; {report.assignments} experiment assignments recomputed equal"
+                if report.assignments
+                else ""
+            )
         )
     else:
         print(
@@ -102,6 +110,214 @@ def run_replay(args: argparse.Namespace) -> int:
             fields = f" ({', '.join(mismatch.fields)})" if mismatch.fields else ""
             print(f"  {mismatch.user_id}: {mismatch.problem}{fields}")
     return EXIT_OK if report.match else EXIT_FAILED
+
+
+def _optional(message: Any, name: str) -> float | None:
+    return float(getattr(message, name)) if message.HasField(name) else None
+
+
+def _interval_data(message: Any, name: str) -> list[float] | None:
+    if not message.HasField(name):
+        return None
+    interval = getattr(message, name)
+    return [interval.low, interval.high]
+
+
+def _comparison_data(comparison: rules_pb2.VariantComparison) -> dict[str, Any]:
+    return {
+        "baseline": comparison.baseline,
+        "absolute_uplift": _optional(comparison, "absolute_uplift"),
+        "relative_uplift": _optional(comparison, "relative_uplift"),
+        "uplift_interval": _interval_data(comparison, "uplift_interval"),
+        "test": comparison.test or None,
+        "p_value": _optional(comparison, "p_value"),
+        "adjusted_p_value": _optional(comparison, "adjusted_p_value"),
+        "verdict": comparison.verdict,
+        "verdict_text": comparison.verdict_text,
+        "users_needed_per_arm": comparison.users_needed_per_arm or None,
+        "target_difference": comparison.target_difference or None,
+    }
+
+
+def stats_data(response: rules_pb2.GetCampaignStatsResponse) -> dict[str, Any]:
+    """A campaign stats report as plain JSON data (rates and uplifts as fractions)."""
+    groups = []
+    for group in response.groups:
+        groups.append(
+            {
+                "group": group.group,
+                "role": group.role,
+                "entered": group.entered,
+                "instances": group.instances,
+                "pending": group.pending,
+                "held_out": group.held_out,
+                "cancelled": group.cancelled,
+                "cancelled_by_exception": group.cancelled_by_exception,
+                "suppressed": group.suppressed,
+                "suppressed_reasons": dict(sorted(group.suppressed_reasons.items())),
+                "sent": group.sent,
+                "delivered": group.delivered,
+                "failed": group.failed,
+                "suppressed_downstream": group.suppressed_downstream,
+                "suppressed_codes": dict(sorted(group.suppressed_codes.items())),
+                "opened": group.opened,
+                "clicked": group.clicked,
+                "converted": group.converted,
+                "converted_attributed": group.converted_attributed,
+                "rate": _optional(group, "rate"),
+                "rate_interval": _interval_data(group, "rate_interval"),
+                "comparison": (
+                    _comparison_data(group.comparison) if group.HasField("comparison") else None
+                ),
+            }
+        )
+    return {
+        "campaign_id": response.campaign_id,
+        "version": response.version,
+        "salt": response.salt,
+        "baseline": response.baseline or None,
+        "conversion": (
+            {"event": response.conversion_event, "within": response.conversion_within}
+            if response.conversion_event
+            else None
+        ),
+        "horizon": response.horizon or None,
+        "groups": groups,
+        "users_in_several_groups": response.users_in_several_groups,
+    }
+
+
+def _percent(value: float) -> str:
+    return f"{value * 100:.1f}%"
+
+
+def _signed_points(value: float) -> str:
+    return f"{value * 100:+.1f}"
+
+
+def _rate_cell(group: rules_pb2.CampaignGroupStats) -> str:
+    if not group.HasField("rate"):
+        return ""
+    low, high = group.rate_interval.low, group.rate_interval.high
+    return f"{_percent(group.rate)} [{low * 100:.1f}, {high * 100:.1f}]"
+
+
+def _uplift_cell(group: rules_pb2.CampaignGroupStats) -> str:
+    comparison = group.comparison
+    if not group.HasField("comparison") or not comparison.HasField("absolute_uplift"):
+        return ""
+    interval = comparison.uplift_interval
+    return (
+        f"{_signed_points(comparison.absolute_uplift)} "
+        f"[{_signed_points(interval.low)}, {_signed_points(interval.high)}]"
+    )
+
+
+def _p_cell(group: rules_pb2.CampaignGroupStats) -> str:
+    if not group.HasField("comparison") or not group.comparison.HasField("adjusted_p_value"):
+        return ""
+    p = group.comparison.adjusted_p_value
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _breakdown(counts: Any, suffix: str = "") -> list[str]:
+    return [f"{name} {count}{suffix}" for name, count in sorted(counts.items())]
+
+
+def format_stats(response: rules_pb2.GetCampaignStatsResponse) -> str:
+    """The stats table, its footnotes and the verdicts, for people."""
+    salt = f"salt {response.salt!r}" if response.salt else "default salt"
+    lines = [f"campaign {response.campaign_id} v{response.version} ({salt})"]
+    if response.conversion_event:
+        lines += [
+            f"conversion: {response.conversion_event} within {response.conversion_within} of "
+            "the send (`attributed`)",
+            f"converted, rate, uplift and p: users who converted within {response.horizon} of "
+            "entering (intention to treat)",
+        ]
+    else:
+        lines.append("no conversion goal: add a `conversion:` block to the campaign for rates")
+    headers = [
+        "group",
+        "entered",
+        "cancelled",
+        "held out",
+        "sent",
+        "suppressed",
+        "opened",
+        "clicked",
+        "converted",
+        "attributed",
+        "rate [95% CI]",
+        "uplift pts [95% CI]",
+        "p (Holm)",
+    ]
+    rows = []
+    notes = []
+    for group in response.groups:
+        name = group.group + (" (baseline)" if group.role == "baseline" else "")
+        if group.role == "other":
+            name += " (not in the experiment)"
+        rows.append(
+            [
+                name,
+                str(group.entered),
+                str(group.cancelled),
+                str(group.held_out),
+                str(group.sent),
+                str(group.suppressed + group.suppressed_downstream),
+                str(group.opened),
+                str(group.clicked),
+                str(group.converted) if response.conversion_event else "",
+                str(group.converted_attributed) if response.conversion_event else "",
+                _rate_cell(group),
+                _uplift_cell(group),
+                _p_cell(group),
+            ]
+        )
+        other_cancels = group.cancelled - group.cancelled_by_exception
+        if other_cancels:
+            notes.append(
+                f"  {group.group} cancelled: {group.cancelled_by_exception} by an exception, "
+                f"{other_cancels} otherwise (a new campaign version)"
+            )
+        suppressed = _breakdown(group.suppressed_reasons) + _breakdown(
+            group.suppressed_codes, " (dispatch)"
+        )
+        if suppressed:
+            notes.append(f"  {group.group} suppressed: {', '.join(suppressed)}")
+        if group.failed:
+            notes.append(f"  {group.group} failed: {group.failed}")
+    lines += ["", format_table(headers, rows)]
+    if notes:
+        lines += ["", *notes]
+    if response.users_in_several_groups:
+        lines += [
+            "",
+            f"warning: {response.users_in_several_groups} users are in more than one group "
+            "(the allocation changed without a new salt?); each counts in every group",
+        ]
+    verdicts = [
+        text if text.startswith(f"{group.group} ") else f"{group.group}: {text}"
+        for group in response.groups
+        if group.HasField("comparison") and (text := group.comparison.verdict_text)
+    ]
+    if verdicts:
+        lines += ["", *verdicts]
+    return "\n".join(lines)
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    """`nudge stats CAMPAIGN`: the experiment's groups, rates, uplift and verdicts."""
+    client = Client.from_args(args, "rules")
+    request = rules_pb2.GetCampaignStatsRequest(campaign_id=args.campaign)
+    with client.channel() as channel:
+        response = client.call(rules_pb2_grpc.RulesServiceStub(channel).GetCampaignStats, request)
+    if args.json:
+        print(json.dumps(stats_data(response), indent=2, ensure_ascii=False))
+    else:
+        print(format_stats(response))
+    return EXIT_OK
 
 
 def _run_set_status(args: argparse.Namespace, pause: bool) -> int:
@@ -144,7 +360,8 @@ def _campaign_commands(
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add why and replay, and pause/resume under `campaigns` (call after `api.register`)."""
+    """Add why, replay and stats, and pause/resume under `campaigns` (call after
+    `api.register`)."""
     why = commands.add_parser(
         "why",
         help="explain every decision for a user and campaign (RulesService.ExplainDecisions)",
@@ -170,6 +387,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     replay.add_argument("--json", action="store_true", help="print JSON")
     _add_client_options(replay, "rules")
     replay.set_defaults(func=run_replay)
+
+    stats = commands.add_parser(
+        "stats",
+        help="a campaign's experiment: groups, conversion rates, uplift, verdicts",
+        description="Report CAMPAIGN since its current experiment salt "
+        "(RulesService.GetCampaignStats): per group the users who entered, cancelled, held "
+        "out, sent, suppressed, opened, clicked and converted instances and sends; the "
+        "conversion rate with a Wilson 95%% interval; each variant's uplift over the baseline "
+        "(control, else the first variant) with Newcombe's interval and a Holm-adjusted "
+        "p-value; and a verdict per variant in plain language. Rates use intention to treat "
+        "(a conversion within the analysis horizon from entry, the same for every group).",
+    )
+    stats.add_argument("campaign", metavar="CAMPAIGN", help="campaign id")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_client_options(stats, "rules")
+    stats.set_defaults(func=run_stats)
 
     campaign_commands = _campaign_commands(commands)
     if campaign_commands is None:
