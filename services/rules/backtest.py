@@ -807,15 +807,18 @@ def parse_moment(text: str, name: str) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def check_period(start: datetime, end: datetime) -> None:
-    """InvalidArgumentError unless `start < end` and the period is at most `MAX_RANGE`."""
+def check_period(
+    start: datetime, end: datetime, names: tuple[str, str] = ("from_time", "to_time")
+) -> None:
+    """InvalidArgumentError (naming the field as `names` call them) unless `start < end` and the
+    period is at most `MAX_RANGE`."""
     if start >= end:
         raise InvalidArgumentError(
-            f"must be after from ({start.isoformat()}), got {end.isoformat()}", "to"
+            f"must be after {names[0]} ({start.isoformat()}), got {end.isoformat()}", names[1]
         )
     if end - start > MAX_RANGE:
         raise InvalidArgumentError(
-            f"the period is {(end - start).days} days; at most {MAX_RANGE.days} days", "to"
+            f"the period is {(end - start).days} days; at most {MAX_RANGE.days} days", names[1]
         )
 
 

@@ -363,7 +363,7 @@ def test_arguments_are_checked_with_clear_errors() -> None:
     with pytest.raises(InvalidArgumentError, match="YYYY-MM-DD") as bad_date:
         parse_moment("March 2nd", "from")
     assert bad_date.value.field == "from"
-    with pytest.raises(InvalidArgumentError, match="must be after from"):
+    with pytest.raises(InvalidArgumentError, match="must be after from_time"):
         check_period(END, START)
     with pytest.raises(InvalidArgumentError, match="at most 366 days"):
         check_period(START, START + MAX_RANGE + timedelta(days=1))

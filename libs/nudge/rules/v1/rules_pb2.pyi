@@ -912,3 +912,307 @@ class GetCampaignStatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCampaignStatsResponse: _TypeAlias = GetCampaignStatsResponse  # noqa: Y015
+
+@_typing.final
+class BacktestRequest(_message.Message):
+    """BacktestRequest is a campaign definition and the period to replay."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    FROM_TIME_FIELD_NUMBER: _builtins.int
+    TO_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def definition(self) -> _struct_pb2.Struct:
+        """The definition, as for ApplyCampaign (the YAML document as data)."""
+
+    @_builtins.property
+    def from_time(self) -> _timestamp_pb2.Timestamp:
+        """Start of the period (inclusive): events received from then on are evaluated; earlier ones
+        only build the users' state.
+        """
+
+    @_builtins.property
+    def to_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the period (exclusive); at most 366 days after `from_time`."""
+
+    def __init__(
+        self,
+        *,
+        definition: _struct_pb2.Struct | None = ...,
+        from_time: _timestamp_pb2.Timestamp | None = ...,
+        to_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "from_time", b"from_time", "to_time", b"to_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "from_time", b"from_time", "to_time", b"to_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BacktestRequest: _TypeAlias = BacktestRequest  # noqa: Y015
+
+@_typing.final
+class BacktestGroup(_message.Message):
+    """BacktestGroup is one experiment group's entries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    USERS_FIELD_NUMBER: _builtins.int
+    USERS_COUNT_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    """`treatment` without an experiment, a variant name, `control` or `global_control`."""
+    users_count: _builtins.int
+    """Number of distinct users who entered in this group."""
+    @_builtins.property
+    def users(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Users who entered in this group, sorted (at most 1000 listed; see `users_count`)."""
+
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        users: _abc.Iterable[_builtins.str] | None = ...,
+        users_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "users", b"users", "users_count", b"users_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BacktestGroup: _TypeAlias = BacktestGroup  # noqa: Y015
+
+@_typing.final
+class BacktestSend(_message.Message):
+    """BacktestSend is one would-be send."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    TRIGGER_EVENT_ID_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    DUE_AT_FIELD_NUMBER: _builtins.int
+    CLAIMED_AT_FIELD_NUMBER: _builtins.int
+    HELD_UNTIL_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user."""
+    trigger_event_id: _builtins.str
+    """The event that started the instance."""
+    group: _builtins.str
+    """The user's experiment group."""
+    branch: _builtins.int
+    """Index of the message branch that would have been sent."""
+    channel: _builtins.str
+    """The message's channel."""
+    outcome: _builtins.str
+    """`sent`, `suppressed`, `held_out` (control group: nothing sent) or `render_failed`."""
+    code: _builtins.str
+    """For `suppressed`: unsubscribed, not_opted_in, frequency_cap or undeliverable."""
+    reason: _builtins.str
+    """Why, in words (the cap rule, the consent state...)."""
+    @_builtins.property
+    def due_at(self) -> _timestamp_pb2.Timestamp:
+        """When the send would have been decided (the due time)."""
+
+    @_builtins.property
+    def claimed_at(self) -> _timestamp_pb2.Timestamp:
+        """When dispatch would have claimed it (after quiet hours); unset when not claimed."""
+
+    @_builtins.property
+    def held_until(self) -> _timestamp_pb2.Timestamp:
+        """End of the quiet hours it was held for; unset when not held."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        trigger_event_id: _builtins.str = ...,
+        group: _builtins.str = ...,
+        branch: _builtins.int = ...,
+        channel: _builtins.str = ...,
+        due_at: _timestamp_pb2.Timestamp | None = ...,
+        claimed_at: _timestamp_pb2.Timestamp | None = ...,
+        held_until: _timestamp_pb2.Timestamp | None = ...,
+        outcome: _builtins.str = ...,
+        code: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["claimed_at", b"claimed_at", "due_at", b"due_at", "held_until", b"held_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "channel", b"channel", "claimed_at", b"claimed_at", "code", b"code", "due_at", b"due_at", "group", b"group", "held_until", b"held_until", "outcome", b"outcome", "reason", b"reason", "trigger_event_id", b"trigger_event_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BacktestSend: _TypeAlias = BacktestSend  # noqa: Y015
+
+@_typing.final
+class BacktestResponse(_message.Message):
+    """BacktestResponse is the report of a backtest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DecisionCountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class OutcomesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class SuppressedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class FrequencyCapsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    USERS_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    SENDS_FIELD_NUMBER: _builtins.int
+    SENDS_COUNT_FIELD_NUMBER: _builtins.int
+    CANCELLED_BY_EXCEPTION_FIELD_NUMBER: _builtins.int
+    PENDING_AT_END_FIELD_NUMBER: _builtins.int
+    DECISION_COUNTS_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_FIELD_NUMBER: _builtins.int
+    FREQUENCY_CAPS_FIELD_NUMBER: _builtins.int
+    QUIET_HOURS_HOLDS_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """The campaign id of the definition."""
+    users: _builtins.int
+    """Users with an event in the period that could start the campaign."""
+    events: _builtins.int
+    """Events of those users received in the period."""
+    entries: _builtins.int
+    """Instances that entered (a user may enter several times)."""
+    sends_count: _builtins.int
+    """Number of would-be sends."""
+    cancelled_by_exception: _builtins.int
+    """Instances cancelled by an exception event."""
+    pending_at_end: _builtins.int
+    """Instances still pending at `to_time` (their due time is later)."""
+    quiet_hours_holds: _builtins.int
+    """Sends held by quiet hours (and claimed when the window ended)."""
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___BacktestGroup]:
+        """Entries per group, ordered by group name."""
+
+    @_builtins.property
+    def sends(self) -> _containers.RepeatedCompositeFieldContainer[Global___BacktestSend]:
+        """Would-be sends ordered by due time then user (at most 1000 listed; see `sends_count`)."""
+
+    @_builtins.property
+    def decision_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Decisions by kind (triggered, send_planned, held_out, not_reeligible, ...)."""
+
+    @_builtins.property
+    def outcomes(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Would-be sends by outcome (sent, suppressed, held_out, render_failed)."""
+
+    @_builtins.property
+    def suppressed(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Suppressed sends by code."""
+
+    @_builtins.property
+    def frequency_caps(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Frequency-cap suppressions by rule."""
+
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+        users: _builtins.int = ...,
+        events: _builtins.int = ...,
+        groups: _abc.Iterable[Global___BacktestGroup] | None = ...,
+        entries: _builtins.int = ...,
+        sends: _abc.Iterable[Global___BacktestSend] | None = ...,
+        sends_count: _builtins.int = ...,
+        cancelled_by_exception: _builtins.int = ...,
+        pending_at_end: _builtins.int = ...,
+        decision_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        outcomes: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        suppressed: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        frequency_caps: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        quiet_hours_holds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "cancelled_by_exception", b"cancelled_by_exception", "decision_counts", b"decision_counts", "entries", b"entries", "events", b"events", "frequency_caps", b"frequency_caps", "groups", b"groups", "outcomes", b"outcomes", "pending_at_end", b"pending_at_end", "quiet_hours_holds", b"quiet_hours_holds", "sends", b"sends", "sends_count", b"sends_count", "suppressed", b"suppressed", "users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BacktestResponse: _TypeAlias = BacktestResponse  # noqa: Y015

@@ -84,6 +84,11 @@ class RulesServiceStub:
                 request_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.GetCampaignStatsRequest.SerializeToString,
                 response_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.GetCampaignStatsResponse.FromString,
                 _registered_method=True)
+        self.Backtest = channel.unary_unary(
+                '/nudge.rules.v1.RulesService/Backtest',
+                request_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.BacktestRequest.SerializeToString,
+                response_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.BacktestResponse.FromString,
+                _registered_method=True)
 
 
 class RulesServiceServicer:
@@ -183,6 +188,22 @@ class RulesServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backtest(self, request, context):
+        """Backtest replays the events received in [from_time, to_time) through a campaign definition
+        (new or changed; it is not stored) as if it had been created at `from_time`, and reports
+        who would have entered (per experiment group), each would-be send (due time, claim time
+        after quiet hours, branch, channel), how many instances exception events would have
+        cancelled, and what consent, frequency caps and quiet hours would have done (the
+        workspace's current policy).
+        Nothing is sent and nothing is written: one read-only snapshot. Deterministic: the same
+        definition over the same stored events gives the same report.
+        Errors: INVALID_ARGUMENT with the field path (invalid definition, `to_time` not after
+        `from_time`, a period longer than 366 days).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RulesServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +251,11 @@ def add_RulesServiceServicer_to_server(servicer, server):
                     servicer.GetCampaignStats,
                     request_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.GetCampaignStatsRequest.FromString,
                     response_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.GetCampaignStatsResponse.SerializeToString,
+            ),
+            'Backtest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backtest,
+                    request_deserializer=nudge_dot_rules_dot_v1_dot_rules__pb2.BacktestRequest.FromString,
+                    response_serializer=nudge_dot_rules_dot_v1_dot_rules__pb2.BacktestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +506,33 @@ class RulesService:
             '/nudge.rules.v1.RulesService/GetCampaignStats',
             nudge_dot_rules_dot_v1_dot_rules__pb2.GetCampaignStatsRequest.SerializeToString,
             nudge_dot_rules_dot_v1_dot_rules__pb2.GetCampaignStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backtest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nudge.rules.v1.RulesService/Backtest',
+            nudge_dot_rules_dot_v1_dot_rules__pb2.BacktestRequest.SerializeToString,
+            nudge_dot_rules_dot_v1_dot_rules__pb2.BacktestResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -89,6 +89,18 @@ class RulesServiceStub:
     send) are reported alongside. Without a `conversion:` block only the counts are set.
     Read-only. Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
     """
+    Backtest: _grpc.UnaryUnaryMultiCallable[_rules_pb2.BacktestRequest, _rules_pb2.BacktestResponse]
+    """Backtest replays the events received in [from_time, to_time) through a campaign definition
+    (new or changed; it is not stored) as if it had been created at `from_time`, and reports
+    who would have entered (per experiment group), each would-be send (due time, claim time
+    after quiet hours, branch, channel), how many instances exception events would have
+    cancelled, and what consent, frequency caps and quiet hours would have done (the
+    workspace's current policy).
+    Nothing is sent and nothing is written: one read-only snapshot. Deterministic: the same
+    definition over the same stored events gives the same report.
+    Errors: INVALID_ARGUMENT with the field path (invalid definition, `to_time` not after
+    `from_time`, a period longer than 366 days).
+    """
 
 @_typing.type_check_only
 class RulesServiceAsyncStub(RulesServiceStub):
@@ -150,6 +162,18 @@ class RulesServiceAsyncStub(RulesServiceStub):
     within the analysis horizon from entry); attributed conversions (within `within` of the
     send) are reported alongside. Without a `conversion:` block only the counts are set.
     Read-only. Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
+    """
+    Backtest: _aio.UnaryUnaryMultiCallable[_rules_pb2.BacktestRequest, _rules_pb2.BacktestResponse]  # type: ignore[assignment]
+    """Backtest replays the events received in [from_time, to_time) through a campaign definition
+    (new or changed; it is not stored) as if it had been created at `from_time`, and reports
+    who would have entered (per experiment group), each would-be send (due time, claim time
+    after quiet hours, branch, channel), how many instances exception events would have
+    cancelled, and what consent, frequency caps and quiet hours would have done (the
+    workspace's current policy).
+    Nothing is sent and nothing is written: one read-only snapshot. Deterministic: the same
+    definition over the same stored events gives the same report.
+    Errors: INVALID_ARGUMENT with the field path (invalid definition, `to_time` not after
+    `from_time`, a period longer than 366 days).
     """
 
 class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -263,6 +287,24 @@ class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
         within the analysis horizon from entry); attributed conversions (within `within` of the
         send) are reported alongside. Without a `conversion:` block only the counts are set.
         Read-only. Errors: NOT_FOUND, INVALID_ARGUMENT (empty campaign_id).
+        """
+
+    @_abc_1.abstractmethod
+    def Backtest(
+        self,
+        request: _rules_pb2.BacktestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.BacktestResponse, _abc.Awaitable[_rules_pb2.BacktestResponse]]:
+        """Backtest replays the events received in [from_time, to_time) through a campaign definition
+        (new or changed; it is not stored) as if it had been created at `from_time`, and reports
+        who would have entered (per experiment group), each would-be send (due time, claim time
+        after quiet hours, branch, channel), how many instances exception events would have
+        cancelled, and what consent, frequency caps and quiet hours would have done (the
+        workspace's current policy).
+        Nothing is sent and nothing is written: one read-only snapshot. Deterministic: the same
+        definition over the same stored events gives the same report.
+        Errors: INVALID_ARGUMENT with the field path (invalid definition, `to_time` not after
+        `from_time`, a period longer than 366 days).
         """
 
 def add_RulesServiceServicer_to_server(servicer: RulesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
