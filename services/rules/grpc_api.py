@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -11,7 +12,7 @@ from nudge.auth import KeyVerifier
 from nudge.grpcserver import InvalidArgumentError, NotFoundError, bearer, maps_errors
 from nudge.protoconv import dict_to_struct, struct_to_dict, to_timestamp
 from nudge.rules.v1 import rules_pb2, rules_pb2_grpc
-from services.rules import campaign_stats, explain, replay, stats, store
+from services.rules import backtest, campaign_stats, explain, replay, stats, store
 from services.rules.application import CampaignAdmin, UserViews
 from services.rules.domain import format_duration
 
@@ -81,7 +82,7 @@ def _group_stats(group: campaign_stats.GroupStats) -> rules_pb2.CampaignGroupSta
 
 class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
     """ApplyCampaign, GetCampaign, ListCampaigns, GetUser, PauseCampaign, ResumeCampaign,
-    ExplainDecisions, VerifyProjection, GetCampaignStats."""
+    ExplainDecisions, VerifyProjection, GetCampaignStats, Backtest."""
 
     def __init__(
         self, pool: asyncpg.Pool, verifier: KeyVerifier, admin: CampaignAdmin, users: UserViews
@@ -234,3 +235,68 @@ class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
             groups=[_group_stats(group) for group in report.groups],
             users_in_several_groups=report.users_in_several_groups,
         )
+
+    @maps_errors
+    async def Backtest(
+        self, request: rules_pb2.BacktestRequest, context: Context
+    ) -> rules_pb2.BacktestResponse:
+        """Replay a period's events through a definition, read-only, and report (no sends)."""
+        workspace_id = await self._workspace(context)
+        for name in ("definition", "from_time", "to_time"):
+            if not request.HasField(name):
+                raise InvalidArgumentError("is required", name)
+        report = await backtest.run_backtest(
+            self._pool,
+            workspace_id,
+            struct_to_dict(request.definition),
+            request.from_time.ToDatetime(tzinfo=UTC),
+            request.to_time.ToDatetime(tzinfo=UTC),
+        )
+        return _backtest_response(report)
+
+
+BACKTEST_LISTED = 1000
+"""At most this many users per group and would-be sends are listed in a Backtest response."""
+
+
+def _optional_time(value: datetime | None) -> Any:
+    return None if value is None else to_timestamp(value)
+
+
+def _backtest_response(report: backtest.BacktestReport) -> rules_pb2.BacktestResponse:
+    return rules_pb2.BacktestResponse(
+        campaign_id=report.campaign_id,
+        users=report.users,
+        events=report.events,
+        groups=[
+            rules_pb2.BacktestGroup(
+                group=group, users=users[:BACKTEST_LISTED], users_count=len(users)
+            )
+            for group, users in report.entered.items()
+        ],
+        entries=len(report.entries),
+        sends=[
+            rules_pb2.BacktestSend(
+                user_id=send.user_id,
+                trigger_event_id=send.trigger_event_id,
+                group=send.group,
+                branch=send.branch,
+                channel=send.channel,
+                due_at=to_timestamp(send.due_at),
+                claimed_at=_optional_time(send.claimed_at),
+                held_until=_optional_time(send.held_until),
+                outcome=send.outcome,
+                code=send.code,
+                reason=send.reason,
+            )
+            for send in report.sends[:BACKTEST_LISTED]
+        ],
+        sends_count=len(report.sends),
+        cancelled_by_exception=report.cancelled_by_exception,
+        pending_at_end=report.pending_at_end,
+        decision_counts=dict(report.decision_counts),
+        outcomes=dict(report.outcomes),
+        suppressed=dict(report.suppressed),
+        frequency_caps=dict(report.frequency_caps),
+        quiet_hours_holds=report.quiet_hours_holds,
+    )
