@@ -1,5 +1,7 @@
 """Pure delivery policy: workspace policy documents, consent, frequency caps counted in the
-user's calendar, quiet hours, and who gets the last cap slot. Stdlib only.
+user's calendar, quiet hours, and who gets the last cap slot. Stdlib only, and the pure
+experiments module of rules for the workspace's global control group (which rules applies,
+not dispatch: it is validated and stored here because it lives in the workspace policy).
 
 Everything here is decided at claim time, inside the claiming transaction, from facts the
 application loads under the user's lock (docs/dispatch.md):
@@ -26,6 +28,8 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from services.rules.experiments import ExperimentError, GlobalControl, parse_global_control
 
 CONSENT_CHANNELS: Final = ("email", "push", "sms")
 CHANNELS: Final = ("email", "push", "sms", "webhook", "console")
@@ -111,9 +115,15 @@ class WorkspacePolicy:
     frequency_caps: tuple[FrequencyCap, ...] = ()
     quiet_hours: QuietHours | None = None
     require_opt_in: frozenset[str] = field(default_factory=frozenset)
+    global_control: GlobalControl | None = None
+    """`percent` of the workspace's users held out of every marketing campaign (rules reads it
+    from the stored document, `policy->'global_control'`); None: nobody."""
 
     def to_dict(self) -> dict[str, Any]:
-        """The normalized document (what is stored and what `parse_policy` inverts)."""
+        """The normalized document (what is stored and what `parse_policy` inverts).
+
+        `global_control` appears only when set, as `{percent, salt?}`: a policy applied before
+        it existed keeps its stored form (re-applying it is still a no-op)."""
         out: dict[str, Any] = {
             "default_timezone": self.default_timezone,
             "frequency_caps": [
@@ -127,6 +137,8 @@ class WorkspacePolicy:
                 "channels": sorted(self.quiet_hours.channels),
             }
         out["require_opt_in"] = sorted(self.require_opt_in)
+        if self.global_control is not None:
+            out["global_control"] = self.global_control.to_dict()
         return out
 
 
@@ -134,7 +146,13 @@ class WorkspacePolicy:
 # parsing
 
 
-_TOP_KEYS: Final = ("default_timezone", "frequency_caps", "quiet_hours", "require_opt_in")
+_TOP_KEYS: Final = (
+    "default_timezone",
+    "frequency_caps",
+    "quiet_hours",
+    "require_opt_in",
+    "global_control",
+)
 
 
 def _check_keys(doc: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
@@ -234,7 +252,24 @@ def parse_policy(doc: Any) -> WorkspacePolicy:
     require_opt_in = _channel_list(
         doc.get("require_opt_in") or [], "require_opt_in", CONSENT_CHANNELS
     )
-    return WorkspacePolicy(default_timezone, tuple(caps), quiet, require_opt_in)
+    return WorkspacePolicy(
+        default_timezone,
+        tuple(caps),
+        quiet,
+        require_opt_in,
+        _global_control(doc.get("global_control")),
+    )
+
+
+def _global_control(value: Any) -> GlobalControl | None:
+    """`global_control: {percent: N, salt: "..."}`, validated by the experiments module that
+    also draws it, so what is stored is exactly what rules can apply."""
+    if value is None:
+        return None
+    try:
+        return parse_global_control(value, "global_control")
+    except ExperimentError as error:
+        raise PolicyError(error.path, error.message) from None
 
 
 # --------------------------------------------------------------------------------------------
