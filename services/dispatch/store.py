@@ -14,16 +14,21 @@ send was claimed again elsewhere) cannot record an outcome over the new owner's.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
+from google.protobuf.message import DecodeError
 
 from nudge import eventstore
 from nudge.db import Conn, Queryable
+from nudge.dispatch.v1 import dispatch_pb2
 from nudge.eventstore import NewEvent
+
+log = logging.getLogger("nudge.dispatch")
 
 USER_LOCK_CLASS = 0x6E647370  # "ndsp": the two-key advisory lock space of dispatch's user locks
 
@@ -61,10 +66,13 @@ class SendRow:
 
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> SendRow:
-        """Build from a row selected with the standard columns."""
-        values: dict[str, Any] = dict(record.items())
+        """Build from a row selected with the standard columns (others are ignored)."""
+        values: dict[str, Any] = {k: v for k, v in record.items() if k in _SEND_FIELDS}
         values["request"] = bytes(values["request"])
         return cls(**values)
+
+
+_SEND_FIELDS = frozenset(SendRow.__dataclass_fields__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,16 +301,30 @@ async def mark_held(conn: Conn, send: SendRow, until: datetime, reason: str) -> 
 # attempts and outcomes (fenced by claim_no)
 
 
-async def mark_attempting(conn: Queryable, send: SendRow, lease: timedelta) -> SendRow | None:
-    """Record, before calling the provider, that an attempt starts (RELIABILITY.md P7)."""
+async def mark_attempting(
+    conn: Queryable,
+    send: SendRow,
+    lease: timedelta,
+    tracked_links: Sequence[str] | None = None,
+) -> SendRow | None:
+    """Record, before calling the provider, that an attempt starts (RELIABILITY.md P7).
+
+    `tracked_links` are the original URLs behind the click tokens of this attempt's message
+    (None: not tracked). They are written in this same statement, committed before the
+    provider is called, so a click can never arrive before the links it points into. Each
+    attempt renders afresh and replaces them; an earlier attempt's message was not delivered
+    (or the send would not be attempted again, docs/dispatch.md).
+    """
     row = await conn.fetchrow(
         f"""UPDATE sends SET state = 'attempting', attempts = attempts + 1,
-                   lease_until = nudge_now() + $3::interval, updated_at = nudge_now()
+                   lease_until = nudge_now() + $3::interval, tracked_links = $4::jsonb,
+                   updated_at = nudge_now()
             WHERE send_id = $1::uuid AND state = 'claimed' AND claim_no = $2
             RETURNING {_COLUMNS}""",
         send.send_id,
         send.claim_no,
         lease,
+        None if tracked_links is None else list(tracked_links),
     )
     return None if row is None else SendRow.from_record(row)
 
@@ -313,10 +335,24 @@ def _event_id(send: SendRow, outcome: str) -> str:
     return f"{send.send_id}:{outcome}{suffix}"
 
 
-def _outcome_event(send: SendRow, outcome: str, properties: dict[str, Any]) -> NewEvent:
+def experiment_group(send: SendRow) -> str:
+    """The experiment group the send was planned for (`SendRequest.experiment_group`); "" for
+    sends planned before experiments existed, or a stored request that does not decode."""
+    try:
+        return dispatch_pb2.SendRequest.FromString(send.request).experiment_group
+    except DecodeError:
+        log.warning("send %s: stored request does not decode", send.send_id)
+        return ""
+
+
+def _outcome_event(
+    send: SendRow, outcome: str, properties: dict[str, Any], *, event_id: str | None = None
+) -> NewEvent:
+    # `experiment_group` is always present ("" when none), so stats group every outcome by it
+    # without a lookup and without telling "missing" from "empty".
     return NewEvent(
         workspace_id=send.workspace_id,
-        event_id=_event_id(send, outcome),
+        event_id=event_id or _event_id(send, outcome),
         user_id=send.user_id,
         name=f"message.{outcome}",
         occurred_at=None,
@@ -326,6 +362,7 @@ def _outcome_event(send: SendRow, outcome: str, properties: dict[str, Any]) -> N
             "campaign_version": send.campaign_version,
             "channel": send.channel,
             "kind": send.kind,
+            "experiment_group": experiment_group(send),
             **properties,
         },
         context={},
@@ -590,4 +627,33 @@ async def append_unsubscribe(
         context={"source": "list-unsubscribe", "send_id": send_id},
         metadata={},
     )
+    return bool(await eventstore.append(conn, [event]))
+
+
+# --------------------------------------------------------------------------------------------
+# open and click tracking
+
+
+async def tracked_send(conn: Queryable, send_id: str) -> tuple[SendRow, list[str] | None] | None:
+    """A send and the links stored with its latest attempt (None: not tracked); None when
+    there is no such send."""
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS}, tracked_links FROM sends WHERE send_id = $1::uuid", send_id
+    )
+    if row is None:
+        return None
+    links = row["tracked_links"]
+    if not isinstance(links, list):
+        return SendRow.from_record(row), None
+    return SendRow.from_record(row), [str(link) for link in links]
+
+
+async def append_engagement(
+    conn: Conn, send: SendRow, outcome: str, key: str, properties: dict[str, Any]
+) -> bool:
+    """Append `message.<outcome>` (opened, clicked) for the send with the usual outcome
+    properties; True when it was new. The event id is `<send_id>:<key>`, so what the key names
+    (the open, one link's click) is recorded once however often it happens; a replayed send
+    shares its first round's events, as it is the same message again."""
+    event = _outcome_event(send, outcome, properties, event_id=f"{send.send_id}:{key}")
     return bool(await eventstore.append(conn, [event]))
