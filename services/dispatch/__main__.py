@@ -15,7 +15,7 @@ from nudge.grpcserver import ServiceBinding, start_grpc_server
 from nudge.logs import setup_logging
 from nudge.metrics import serve_metrics
 from nudge.telemetry import setup_tracing
-from services.dispatch.application import Dispatcher, Unsubscriber
+from services.dispatch.application import Dispatcher, Tracker, Unsubscriber
 from services.dispatch.channels.base import Channel
 from services.dispatch.channels.configured import provider_channels
 from services.dispatch.channels.console import ConsoleChannel
@@ -24,7 +24,13 @@ from services.dispatch.channels.instrumented import instrumented
 from services.dispatch.channels.webhook import WebhookChannel
 from services.dispatch.consumers import DURABLE, consume_send_requests
 from services.dispatch.grpc_api import DispatchServicer
-from services.dispatch.http_api import UnsubscribeApp, start_http_server, unsubscribe_links
+from services.dispatch.http_api import (
+    PublicApp,
+    start_http_server,
+    tracking_config,
+    tracking_secret,
+    unsubscribe_links,
+)
 from services.dispatch.settings import Settings
 
 log = logging.getLogger("nudge.dispatch")
@@ -65,6 +71,7 @@ async def main(stop: asyncio.Event) -> None:
             channel_concurrency=settings.channel_concurrency,
             pickup_grace=timedelta(seconds=settings.pickup_grace_s),
             unsubscribe_links=links,
+            tracking=tracking_config(settings),
         )
         stack.push_async_callback(dispatcher.drain)  # after the loops below stopped feeding it
         supervisor = runtime.Supervisor(stop)
@@ -85,9 +92,8 @@ async def main(stop: asyncio.Event) -> None:
                 )
             ],
         )
-        http = await start_http_server(
-            settings.http_address, UnsubscribeApp(Unsubscriber(pool, links))
-        )
+        public = PublicApp(Unsubscriber(pool, links), Tracker(pool, tracking_secret(settings)))
+        http = await start_http_server(settings.http_address, public)
         stack.push_async_callback(http.wait_closed)
         stack.callback(http.close)
         readiness = health.Readiness(

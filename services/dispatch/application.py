@@ -6,8 +6,9 @@ Flow of one send (docs/dispatch.md):
    is acknowledged; from here on the database, not the queue, owns the work.
 2. `claim`: under the user's lock, every due send of the user is decided in competition order:
    suppressed (consent, cap), held (quiet hours) or claimed (cap slot reserved).
-3. `attempt`: render, mark `attempting` (committed before the provider call), call the channel
-   inside its bulkhead, record the outcome with its event.
+3. `attempt`: render (and, for tracked marketing email, rewrite links and add the open pixel),
+   mark `attempting` with the tracked links (committed before the provider call), call the
+   channel inside its bulkhead, record the outcome with its event.
 The sweeper re-finds anything a crash, a full bulkhead, a hold or a retry left in the table.
 """
 
@@ -52,6 +53,13 @@ from services.dispatch.policy import (
 )
 from services.dispatch.store import RecipientRecord, SendRow
 from services.dispatch.templating import RenderError, render_message
+from services.dispatch.tracking import (
+    InvalidTrackingTokenError,
+    TokenKind,
+    resolve_click,
+    rewrite_links,
+    verify_token,
+)
 from services.dispatch.unsubscribe import UnsubscribeLinks, UnsubscribeRequest
 
 log = logging.getLogger("nudge.dispatch")
@@ -146,6 +154,15 @@ class ChannelLanes:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Open and click tracking: the public base URL of the `/o/` and `/c/` endpoints and the
+    key that signs their tokens. A dispatcher without one tracks nothing."""
+
+    base_url: str
+    secret: bytes
+
+
+@dataclass(frozen=True)
 class Claimed:
     """A send this worker claimed, with the recipient facts read in the claim transaction."""
 
@@ -169,6 +186,7 @@ class Dispatcher:
         pickup_grace: timedelta = timedelta(seconds=5),
         unsubscribe_links: UnsubscribeLinks | None = None,
         contender_limit: int = 100,
+        tracking: TrackingConfig | None = None,
     ) -> None:
         self._pool = pool
         self._channels = channels
@@ -179,6 +197,7 @@ class Dispatcher:
         self._pickup_grace = min(pickup_grace, lease)
         self._links = unsubscribe_links
         self._contender_limit = contender_limit
+        self._tracking = tracking
         self.lanes = ChannelLanes(channel_concurrency)
 
     # ---------------------------------------------------------------------------- intake
@@ -294,6 +313,7 @@ class Dispatcher:
                 await store.mark_suppressed(conn, send, *refusal)
             metrics.count_send(send.channel, "suppressed")
             return
+        fields, tracked_links = self._track(send, fields)
         message = OutboundMessage(
             send_id=send.send_id,
             workspace_id=send.workspace_id,
@@ -303,7 +323,7 @@ class Dispatcher:
             unsubscribe_url=self._unsubscribe_url(send),
         )
         async with self.lanes.semaphore(send.channel):
-            attempting = await store.mark_attempting(self._pool, send, self._lease)
+            attempting = await store.mark_attempting(self._pool, send, self._lease, tracked_links)
             if attempting is None:
                 log.warning("send %s: claim lost before the attempt; skipped", send.send_id)
                 return
@@ -335,6 +355,23 @@ class Dispatcher:
                 log.warning("send %s delivered but its claim was taken over", send.send_id)
                 return
         metrics.count_send(send.channel, "sent")
+
+    def _track(
+        self, send: SendRow, fields: dict[str, str]
+    ) -> tuple[dict[str, str], tuple[str, ...] | None]:
+        """The fields to send and the links to store with the attempt (None: not tracked).
+
+        Only marketing email with an HTML part is tracked: a transactional message (a password
+        reset) must reach its link without a detour through us, and plain text has no pixel.
+        """
+        html_body = fields.get("html")
+        tracking = self._tracking
+        if tracking is None or send.channel != "email" or send.kind != "marketing":
+            return fields, None
+        if not html_body:
+            return fields, None
+        rewritten = rewrite_links(html_body, send.send_id, tracking.base_url, tracking.secret)
+        return {**fields, "html": rewritten.html}, rewritten.links
 
     def _unsubscribe_url(self, send: SendRow) -> str | None:
         if self._links is None or send.channel != "email" or send.kind != "marketing":
@@ -495,6 +532,60 @@ class Unsubscriber:
                 request.send_id,
                 event_id,
             )
+
+
+# -------------------------------------------------------------------------------- tracking
+
+
+class Tracker:
+    """Records opens and clicks of tracked email as `message.opened` / `message.clicked`.
+
+    Both are ordinary events appended to the store, like the other outcome events, so the
+    rules projection counts them (`user.events['message.clicked']`). Each is recorded once:
+    the first open of a send, the first click of each of its links.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, secret: bytes) -> None:
+        self._pool = pool
+        self._secret = secret
+
+    async def opened(self, token: str) -> bool:
+        """Record the open a pixel token stands for; True when it was the first. A token that
+        is not a genuine open token, or names no send, records nothing (False)."""
+        try:
+            verified = verify_token(token, self._secret)
+        except InvalidTrackingTokenError:
+            return False
+        if verified.kind is not TokenKind.OPEN:
+            return False
+        async with self._pool.acquire() as conn, conn.transaction():
+            found = await store.tracked_send(conn, verified.send_id)
+            if found is None:
+                return False
+            return await store.append_engagement(conn, found[0], "opened", "opened", {})
+
+    async def clicked(self, token: str) -> str:
+        """The URL a click token redirects to, recording the click (once per link).
+
+        Raises InvalidTrackingTokenError for anything that is not a genuine click token of a
+        link stored with its send: the caller must then not redirect anywhere. A click whose
+        event cannot be recorded still redirects (logged): the reader's way to the link
+        matters more than the count.
+        """
+        verified = verify_token(token, self._secret)  # before any database work
+        found = await store.tracked_send(self._pool, verified.send_id)
+        if found is None:
+            raise InvalidTrackingTokenError("no message with this id")
+        send, links = found
+        url = resolve_click(token, links or (), self._secret)
+        properties = {"link_index": verified.index, "url": url}
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                key = f"clicked:{verified.index}"
+                await store.append_engagement(conn, send, "clicked", key, properties)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            log.warning("click on send %s not recorded: %r", send.send_id, error)
+        return url
 
 
 # -------------------------------------------------------------------------------- preview

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nudge.config import ConfigError, env_address, env_float, env_int, env_str
+from services.dispatch import tracking
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class Settings:
     http_address: str = "127.0.0.1:50055"
     unsubscribe_secret: str | None = None
     unsubscribe_url: str | None = None
+    tracking_url: str | None = None
+    tracking_secret: str | None = None
     channel_concurrency: int = 32
     pickup_grace_s: float = 5.0
 
@@ -68,17 +71,37 @@ def _delivery_from_env(env: Mapping[str, str] | None) -> dict[str, Any]:
     """NUDGE_DISPATCH_HTTP_ADDR (the unsubscribe endpoint), NUDGE_UNSUBSCRIBE_SECRET (default:
     derived from NUDGE_WEBHOOK_SECRET), NUDGE_UNSUBSCRIBE_URL (the public URL of
     /unsubscribe; must be https in production), NUDGE_DISPATCH_CHANNEL_CONCURRENCY (provider
-    calls in flight per channel), NUDGE_DISPATCH_PICKUP_GRACE_S."""
+    calls in flight per channel), NUDGE_DISPATCH_PICKUP_GRACE_S; open and click tracking:
+    NUDGE_TRACKING_URL (the public base URL of this server's /o/ and /c/; unset: tracking is
+    off) and NUDGE_TRACKING_SECRET (default: derived from NUDGE_WEBHOOK_SECRET)."""
     concurrency = env_int("NUDGE_DISPATCH_CHANNEL_CONCURRENCY", 32, env)
     if concurrency < 1:
         raise ConfigError("NUDGE_DISPATCH_CHANNEL_CONCURRENCY", "must be at least 1")
+    tracking_url = _optional("NUDGE_TRACKING_URL", env)
+    tracking_secret = _optional("NUDGE_TRACKING_SECRET", env)
+    _check_tracking(tracking_url, tracking_secret)
     return {
         "http_address": env_address("NUDGE_DISPATCH_HTTP_ADDR", "127.0.0.1:50055", env),
         "unsubscribe_secret": _optional("NUDGE_UNSUBSCRIBE_SECRET", env),
         "unsubscribe_url": _optional("NUDGE_UNSUBSCRIBE_URL", env),
+        "tracking_url": tracking_url,
+        "tracking_secret": tracking_secret,
         "channel_concurrency": concurrency,
         "pickup_grace_s": env_float("NUDGE_DISPATCH_PICKUP_GRACE_S", 5.0, env),
     }
+
+
+def _check_tracking(url: str | None, secret: str | None) -> None:
+    """Fail at startup, not at the first send, on a base URL or key tokens cannot use."""
+    if secret is not None and len(secret.encode("utf-8")) < tracking.MIN_SECRET_BYTES:
+        raise ConfigError(
+            "NUDGE_TRACKING_SECRET", f"must be at least {tracking.MIN_SECRET_BYTES} bytes"
+        )
+    if url is not None:
+        try:
+            tracking.open_url(url, "00000000-0000-0000-0000-000000000000", b"k" * 32)
+        except ValueError as error:
+            raise ConfigError("NUDGE_TRACKING_URL", str(error)) from None
 
 
 def _optional(name: str, env: Mapping[str, str] | None) -> str | None:

@@ -19,7 +19,7 @@ from nudge.dispatch.v1.dispatch_pb2 import SendRequest
 from nudge.testing.sinks import ReceivedRequest
 from services.dispatch.application import Unsubscriber
 from services.dispatch.consumers import consume_send_requests
-from services.dispatch.http_api import UnsubscribeApp, start_http_server
+from services.dispatch.http_api import PublicApp, start_http_server
 from services.dispatch.unsubscribe import UnsubscribeRequest
 from tests.integration.dispatch.conftest import UNSUBSCRIBE_URL, Rig, make_dispatcher
 
@@ -34,9 +34,7 @@ async def publish(js: JetStreamContext, names: BusNames, request: SendRequest) -
 
 @pytest.fixture
 async def endpoint(rig: Rig) -> AsyncIterator[str]:
-    server = await start_http_server(
-        "127.0.0.1:0", UnsubscribeApp(Unsubscriber(rig.pool, rig.links))
-    )
+    server = await start_http_server("127.0.0.1:0", PublicApp(Unsubscriber(rig.pool, rig.links)))
     port = server.sockets[0].getsockname()[1]
     yield f"http://127.0.0.1:{port}"
     server.close()
