@@ -1,22 +1,25 @@
-"""Rules commands: `nudge why`, `nudge replay`, `nudge stats`, `nudge campaigns pause|resume`
-(RulesService).
+"""Rules commands: `nudge why`, `nudge replay`, `nudge stats`, `nudge backtest`,
+`nudge campaigns pause|resume` (RulesService).
 
 `nudge why USER CAMPAIGN` lists every decision the rules engine recorded for the user and
 campaign, with the outcome dispatch reported for each send; `nudge replay` rebuilds the
 workspace's user states from the event store and reports whether they equal the live
 projection (exit 1 when they do not); `nudge stats CAMPAIGN` reports the campaign's experiment
-per group, with rates, uplift and a plain-language verdict per variant.
+per group, with rates, uplift and a plain-language verdict per variant; `nudge backtest FILE
+--from DATE --to DATE` replays a period's events through a definition without sending anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from datetime import UTC, date, datetime, time
+from pathlib import Path
 from typing import Any
 
-from nudge.cli.api import Client, _add_client_options
-from nudge.cli.common import EXIT_FAILED, EXIT_OK, format_table
-from nudge.protoconv import struct_to_dict
+from nudge.cli.api import Client, _add_client_options, load_campaign_documents
+from nudge.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, format_table
+from nudge.protoconv import dict_to_struct, struct_to_dict, to_timestamp
 from nudge.rules.v1 import rules_pb2, rules_pb2_grpc
 
 
@@ -320,6 +323,143 @@ def run_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+BACKTEST_TIMEOUT_S = 600.0
+
+
+def parse_moment(text: str, option: str) -> datetime:
+    """`YYYY-MM-DD` (midnight UTC) or an ISO 8601 date-time (UTC without an offset)."""
+    value = text.strip()
+    try:
+        if len(value) == 10:
+            return datetime.combine(date.fromisoformat(value), time(0), tzinfo=UTC)
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(
+            f"{option}: must be a date (YYYY-MM-DD) or an ISO 8601 date-time, got {text!r}",
+            EXIT_USAGE,
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _iso(message: Any, name: str) -> str | None:
+    if not message.HasField(name):
+        return None
+    value: datetime = getattr(message, name).ToDatetime(tzinfo=UTC)
+    return value.isoformat()
+
+
+def backtest_data(response: rules_pb2.BacktestResponse) -> dict[str, Any]:
+    """A backtest report as plain JSON data (stable key and list order)."""
+    return {
+        "campaign_id": response.campaign_id,
+        "users": response.users,
+        "events": response.events,
+        "entered": {
+            group.group: {"count": group.users_count, "users": list(group.users)}
+            for group in response.groups
+        },
+        "entries": response.entries,
+        "cancelled_by_exception": response.cancelled_by_exception,
+        "pending_at_end": response.pending_at_end,
+        "quiet_hours_holds": response.quiet_hours_holds,
+        "decision_counts": dict(sorted(response.decision_counts.items())),
+        "outcomes": dict(sorted(response.outcomes.items())),
+        "suppressed": dict(sorted(response.suppressed.items())),
+        "frequency_caps": dict(sorted(response.frequency_caps.items())),
+        "sends_count": response.sends_count,
+        "sends": [
+            {
+                "user_id": send.user_id,
+                "trigger_event_id": send.trigger_event_id,
+                "group": send.group,
+                "branch": send.branch,
+                "channel": send.channel,
+                "due_at": _iso(send, "due_at"),
+                "claimed_at": _iso(send, "claimed_at"),
+                "held_until": _iso(send, "held_until"),
+                "outcome": send.outcome,
+                "code": send.code,
+                "reason": send.reason,
+            }
+            for send in response.sends
+        ],
+    }
+
+
+def format_backtest(response: rules_pb2.BacktestResponse, start: datetime, end: datetime) -> str:
+    """The report for people: totals, groups, what policy did, then the sends."""
+    lines = [
+        f"backtest of {response.campaign_id} from {start.isoformat()} to {end.isoformat()}: "
+        f"{response.users} users, {response.events} events, {response.entries} entries, "
+        f"{response.sends_count} would-be sends",
+    ]
+    if response.groups:
+        lines += [
+            "",
+            format_table(
+                ["group", "users"], [[g.group, str(g.users_count)] for g in response.groups]
+            ),
+        ]
+    lines += [
+        "",
+        f"cancelled by an exception: {response.cancelled_by_exception}",
+        f"still pending at the end: {response.pending_at_end}",
+        f"held for quiet hours: {response.quiet_hours_holds}",
+    ]
+    for title, counts in (
+        ("outcomes", response.outcomes),
+        ("suppressed", response.suppressed),
+        ("frequency caps", response.frequency_caps),
+        ("decisions", response.decision_counts),
+    ):
+        if counts:
+            items = ", ".join(f"{key} {value}" for key, value in sorted(counts.items()))
+            lines.append(f"{title}: {items}")
+    if response.sends:
+        rows = [
+            [
+                _iso(send, "due_at") or "",
+                _iso(send, "claimed_at") or "",
+                send.user_id,
+                send.group,
+                f"{send.branch} ({send.channel})",
+                send.outcome + (f": {send.code}" if send.code else ""),
+            ]
+            for send in response.sends
+        ]
+        lines += [
+            "",
+            format_table(["due", "claimed", "user", "group", "message", "outcome"], rows),
+        ]
+        if response.sends_count > len(response.sends):
+            lines.append(f"(first {len(response.sends)} of {response.sends_count} sends)")
+    return "\n".join(lines)
+
+
+def run_backtest(args: argparse.Namespace) -> int:
+    """`nudge backtest FILE.yaml --from DATE --to DATE`: what the definition would have done."""
+    start = parse_moment(args.start, "--from")
+    end = parse_moment(args.end, "--to")
+    if start >= end:
+        raise CliError("--to: must be after --from", EXIT_USAGE)
+    [definition, *more] = load_campaign_documents(Path(args.file))
+    if more:
+        raise CliError(f"{args.file}: backtest takes one campaign definition", EXIT_USAGE)
+    request = rules_pb2.BacktestRequest(
+        definition=dict_to_struct(definition),
+        from_time=to_timestamp(start),
+        to_time=to_timestamp(end),
+    )
+    client = Client.from_args(args, "rules")
+    with client.channel() as channel:
+        response = client.call(rules_pb2_grpc.RulesServiceStub(channel).Backtest, request)
+    if args.json:
+        print(json.dumps(backtest_data(response), indent=2, ensure_ascii=False))
+    else:
+        print(format_backtest(response, start, end))
+    return EXIT_OK
+
+
 def _run_set_status(args: argparse.Namespace, pause: bool) -> int:
     client = Client.from_args(args, "rules")
     with client.channel() as channel:
@@ -360,7 +500,7 @@ def _campaign_commands(
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add why, replay and stats, and pause/resume under `campaigns` (call after
+    """Add why, replay, stats and backtest, and pause/resume under `campaigns` (call after
     `api.register`)."""
     why = commands.add_parser(
         "why",
@@ -403,6 +543,24 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_client_options(stats, "rules")
     stats.set_defaults(func=run_stats)
+
+    backtest = commands.add_parser(
+        "backtest",
+        help="replay a period's events through a campaign definition, sending nothing",
+        description="Replay the events received from --from (inclusive) to --to (exclusive) "
+        "through the campaign in FILE (new or changed; it is not applied) as if it had been "
+        "created at --from (RulesService.Backtest), and report who would have entered per "
+        "experiment group, when each message would have been sent and claimed (after quiet "
+        "hours), how many instances exception events would have cancelled, and what consent "
+        "and frequency caps would have suppressed. Read-only and deterministic. DATE is "
+        "YYYY-MM-DD (midnight UTC) or an ISO 8601 date-time; at most 366 days.",
+    )
+    backtest.add_argument("file", metavar="FILE.yaml", help="one campaign definition")
+    backtest.add_argument("--from", dest="start", required=True, metavar="DATE")
+    backtest.add_argument("--to", dest="end", required=True, metavar="DATE")
+    backtest.add_argument("--json", action="store_true", help="print JSON")
+    _add_client_options(backtest, "rules")
+    backtest.set_defaults(func=run_backtest, timeout=BACKTEST_TIMEOUT_S)
 
     campaign_commands = _campaign_commands(commands)
     if campaign_commands is None:
