@@ -62,8 +62,10 @@ class ServiceProcesses:
         nats_prefix: str,
         log_dir: Path,
         extra_env: Mapping[str, str] | None = None,
+        tracking: bool = False,
     ) -> ServiceProcesses:
-        """Pick free ports and build the environment (nothing starts yet)."""
+        """Pick free ports and build the environment (nothing starts yet). `tracking`: open and
+        click tracking on, its links pointing at dispatch's own public HTTP server."""
         ports = iter(_distinct_free_ports(2 * len(SERVICES) + 1))
         addresses = {name: f"127.0.0.1:{next(ports)}" for name in SERVICES}
         metrics_addresses = {name: f"127.0.0.1:{next(ports)}" for name in SERVICES}
@@ -81,13 +83,20 @@ class ServiceProcesses:
                 f"NUDGE_{name.upper()}_METRICS_ADDR": address
                 for name, address in metrics_addresses.items()
             },
-            "NUDGE_DISPATCH_HTTP_ADDR": f"127.0.0.1:{next(ports)}",  # the unsubscribe endpoint
-            **(extra_env or {}),
+            "NUDGE_DISPATCH_HTTP_ADDR": f"127.0.0.1:{next(ports)}",  # unsubscribe, /o/, /c/
         }
+        if tracking:
+            env["NUDGE_TRACKING_URL"] = f"http://{env['NUDGE_DISPATCH_HTTP_ADDR']}"
+        env.update(extra_env or {})
         log_dir.mkdir(parents=True, exist_ok=True)
         return cls(
             env=env, log_dir=log_dir, addresses=addresses, metrics_addresses=metrics_addresses
         )
+
+    @property
+    def dispatch_http_url(self) -> str:
+        """The base URL of dispatch's public HTTP server (unsubscribe, open and click)."""
+        return f"http://{self.env['NUDGE_DISPATCH_HTTP_ADDR']}"
 
     def start(self, name: str) -> None:
         """Start one service process (its output goes to <log_dir>/<name>.log)."""
