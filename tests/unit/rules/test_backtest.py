@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import random
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from nudge.cli import rules_cmds
+from nudge.cli.main import build_parser, main
 from nudge.grpcserver import InvalidArgumentError
 from services.dispatch.policy import Reservation, WorkspacePolicy, parse_policy
 from services.dispatch.recipient_twin import RecipientFacts, project_recipient, subscription_state
@@ -25,6 +28,7 @@ from services.rules.backtest import (
 from services.rules.cel import CompiledCampaign
 from services.rules.domain import RecordedEvent
 from services.rules.experiments import GlobalControl
+from services.rules.grpc_api import _backtest_response
 
 START = datetime(2026, 3, 2, tzinfo=UTC)  # a Monday
 END = START + timedelta(days=7)
@@ -378,3 +382,48 @@ def test_the_global_control_block_is_read_from_the_policy_document() -> None:
     )
     assert (policy.default_timezone, control) == ("Europe/Paris", GlobalControl(5.0))
     assert workspace_settings(None) == (WorkspacePolicy(), None)
+
+
+# --- the command line and the RPC response ----------------------------------------------------
+
+
+def test_nudge_backtest_parses_and_checks_dates_before_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args(["backtest", "c.yaml", "--from", "2026-03-02", "--to", "x"])
+    assert (args.func, args.start, args.end, args.timeout) == (
+        rules_cmds.run_backtest,
+        "2026-03-02",
+        "x",
+        rules_cmds.BACKTEST_TIMEOUT_S,
+    )
+    assert main(["backtest", "c.yaml", "--from", "2026-03-02", "--to", "x"]) == 2
+    assert "--to: must be a date" in capsys.readouterr().err
+    assert main(["backtest", "c.yaml", "--from", "2026-03-09", "--to", "2026-03-02"]) == 2
+    assert "--to: must be after --from" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.yaml")
+    assert main(["backtest", missing, "--from", "2026-03-02", "--to", "2026-03-09"]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_the_response_and_its_json_keep_the_report() -> None:
+    policy = parse_policy({"quiet_hours": {"start": "21:00", "end": "08:00", "channels": ["push"]}})
+    report = run(
+        campaign(message=PUSH, experiment={"control": 50}),
+        [event(f"u{i}", "signup", at(22), f"s{i}") for i in range(8)],
+        policy,
+    )
+    response = _backtest_response(report)
+    data = rules_cmds.backtest_data(response)
+    assert data["sends_count"] == len(report.sends) == 8
+    assert data["entered"] == {
+        group: {"count": len(users), "users": list(users)}
+        for group, users in report.entered.items()
+    }
+    assert [s["held_until"] for s in data["sends"]] == [
+        None if s.held_until is None else s.held_until.isoformat() for s in report.sends
+    ]
+    assert data["quiet_hours_holds"] == report.quiet_hours_holds == len(report.entered["treatment"])
+    text = rules_cmds.format_backtest(response, START, END)
+    assert text.startswith("backtest of c from 2026-03-02T00:00:00+00:00")
+    assert "held for quiet hours: " in text
