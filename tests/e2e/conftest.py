@@ -62,6 +62,12 @@ def stack_env() -> dict[str, str]:
 
 
 @pytest.fixture
+def stack_tracking() -> bool:
+    """Whether dispatch tracks opens and clicks; a test module overrides it."""
+    return False
+
+
+@pytest.fixture
 def stack(
     database_url: str,
     nats_url: str,
@@ -70,6 +76,7 @@ def stack(
     smtp_sink: SmtpSink,
     http_sink: HttpSink,
     stack_env: dict[str, str],
+    stack_tracking: bool,
 ) -> Iterator[Stack]:
     workspace_id = f"ws-{test_id}"
     api_key = run_async(_make_key(database_url, workspace_id))
@@ -79,6 +86,7 @@ def stack(
         nats_prefix=f"t{test_id}",
         log_dir=tmp_path / "logs",
         extra_env={"NUDGE_SMTP_URL": smtp_sink.url, **stack_env},
+        tracking=stack_tracking,
     )
     try:
         services.start_all()
