@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 90.0  # the demo itself takes ~30 s; its own delivery timeout is 30 s per wait
+TIMEOUT_S = 180.0  # the demo itself takes ~50 s; its own delivery timeout is 30 s per wait
 
 
 def _env() -> dict[str, str]:
@@ -53,5 +53,9 @@ def test_demo_delivers_the_example_campaigns_and_exits_0() -> None:
     assert "cancelled by purchase 'buy-grace-77'" in result.stdout, report  # the campaign engine
     assert "sent to linus@example.com  'We miss you, friend'" in result.stdout, report
     assert "\n     match: " in result.stdout, report  # nudge replay
+    results = result.stdout.split("The experiment's results (nudge stats)")[1]  # issue 6
+    assert "wait-1h converts better than control" in results, report
+    assert "wait-24h: not enough data yet" in results, report
+    assert "would-be sends" in result.stdout, report  # nudge backtest
     assert "nudge up exited 0" in result.stdout, report
     assert result.stderr == "", report
