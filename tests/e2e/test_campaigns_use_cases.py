@@ -88,6 +88,8 @@ async def test_onboarding_arrives_a_day_after_the_first_session_with_the_right_b
             )
         ],
     }
+    # The mail reaches the sink before dispatch commits `message.sent`: wait for the record.
+    await nudge.wait_for_kinds("new", "onboarding-day-1", lambda k: "message.sent" in k)
     [triggered, sent, _] = await nudge.why("new", "onboarding-day-1")
     assert triggered.summary.startswith("triggered: first session_start; due 1d later; delayed")
     assert sent.summary == "re-checked and sent: message 0 (email)"
