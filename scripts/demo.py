@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
 import json
 import os
 import shlex
@@ -39,8 +40,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -737,6 +740,42 @@ def wait_mails(smtp: SmtpSink, count: int) -> list[ReceivedMail]:
     return mails
 
 
+class _Links(HTMLParser):
+    """The links of a received email: `<a href>` and `<img src>` (the open pixel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if value and (tag, name) in {("a", "href"), ("img", "src")}:
+                self.links.append(value)
+
+
+def open_and_click(mail: ReceivedMail) -> None:
+    """What a reader's mail client does: load the images (the open pixel) and follow the link
+    (dispatch's click redirect, answered with a 302 to the shop)."""
+    part = mail.message.get_body(preferencelist=("html",))
+    if part is None:
+        raise DemoFailed(f"no HTML part in {mail.subject!r}")
+    parser = _Links()
+    parser.feed(str(part.get_content()))
+    tracked = [link for link in parser.links if "/o/" in link or "/c/" in link]
+    if len(tracked) != 2:
+        raise DemoFailed(f"expected a tracked link and an open pixel, found {parser.links}")
+    for link in tracked:
+        url = urllib.parse.urlsplit(link)
+        connection = http.client.HTTPConnection(url.netloc, timeout=10)
+        try:
+            connection.request("GET", url.path)
+            status = connection.getresponse().status
+        finally:
+            connection.close()
+        if status not in (200, 302):
+            raise DemoFailed(f"GET {link} answered {status}")
+
+
 def wait_stats(cli: Cli, done: Any) -> dict[str, Any]:
     """Poll ``nudge stats --json`` until `done(groups by name)`."""
     deadline = time.monotonic() + DELIVERY_TIMEOUT_S
@@ -790,7 +829,13 @@ def experiment(cli: Cli, ingest: str, api_key: str, smtp: SmtpSink, number: int)
     mails = wait_mails(smtp, seen + first)[seen:]
     first_arm = sorted(m.rcpt_tos[0].split("@")[0] for m in mails)
     first_buyers = [u for i, u in enumerate(first_arm) if i % 5 < 2]
-    say(f'   {first} emails "You left something in your cart"; {len(first_buyers)} buy')
+    by_user = {m.rcpt_tos[0].split("@")[0]: m for m in mails}
+    for u in first_buyers:
+        open_and_click(by_user[u])
+    say(
+        f'   {first} emails "You left something in your cart"; {len(first_buyers)} open it, '
+        "click the link (tracked by dispatch) and buy"
+    )
     cli.run("time", "advance", "1h")
     track_many(ingest, api_key, purchases(first_buyers, "1h"))
 
@@ -813,7 +858,13 @@ def experiment(cli: Cli, ingest: str, api_key: str, smtp: SmtpSink, number: int)
     cli.run("time", "advance", "4d")
     end = cli.run("time", "now", show=False).split()[0]
     converted = len(early) + len(first_buyers) + len(buyers)
-    wait_stats(cli, lambda g: sum(group["converted"] for group in g.values()) == converted)
+    wait_stats(
+        cli,
+        lambda g: (
+            sum(group["converted"] for group in g.values()) == converted
+            and g["wait-1h"]["clicked"] == len(first_buyers)
+        ),
+    )
 
     number += 1
     step(

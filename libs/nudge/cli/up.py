@@ -458,6 +458,9 @@ class Stack:
             say(f"dispatch HTTP port {DISPATCH_HTTP_DEFAULT} is busy; using {replacement}")
         if not self.settings.production:
             env.setdefault("NUDGE_WEBHOOK_ALLOW_HOSTS", DEV_WEBHOOK_ALLOW_HOSTS)
+            # Open and click tracking on this machine: links point at dispatch's own server.
+            http_address = env.get(DISPATCH_HTTP_VARIABLE, DISPATCH_HTTP_DEFAULT)
+            env.setdefault("NUDGE_TRACKING_URL", f"http://{http_address}")
         env.setdefault("NUDGE_LOG_FORMAT", "text")
         env.pop(STATE_DIR_ENV, None)
         # One OTEL_SERVICE_NAME for all four would merge them in the trace viewer: each names
