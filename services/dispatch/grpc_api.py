@@ -36,6 +36,12 @@ def policy_message(policy: WorkspacePolicy, version: int) -> dispatch_pb2.Worksp
         require_opt_in=sorted(policy.require_opt_in),
         version=version,
     )
+    if policy.global_control is not None:
+        message.global_control.CopyFrom(
+            dispatch_pb2.GlobalControl(
+                percent=policy.global_control.percent, salt=policy.global_control.salt
+            )
+        )
     if policy.quiet_hours is not None:
         message.quiet_hours.CopyFrom(
             dispatch_pb2.QuietHours(

@@ -114,3 +114,11 @@ def test_workspace_policy_preview_and_dead_letters_from_the_cli(nudge: Run, tmp_
     code, _, err = nudge("dead-letters", "replay", "999999")
     assert code == 2
     assert "NOT_FOUND" in err
+
+    # A global control group (issue 6) is part of the policy (applied last: it would hold a
+    # random 5% of users out of the marketing sends above).
+    policy.write_text(policy.read_text() + "global_control: {percent: 5, salt: q4}\n")
+    assert nudge("workspace", "apply", str(policy))[1] == "workspace policy version 2 (changed)\n"
+    shown = json.loads(nudge("workspace", "show", "--json")[1])
+    assert shown["global_control"] == {"percent": 5, "salt": "q4"}
+    assert shown["default_timezone"] == "Europe/Berlin"

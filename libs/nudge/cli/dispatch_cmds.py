@@ -74,6 +74,9 @@ def _policy_data(policy: dispatch_pb2.WorkspacePolicy) -> dict[str, Any]:
             "channels": list(policy.quiet_hours.channels),
         }
     data["require_opt_in"] = list(policy.require_opt_in)
+    if policy.HasField("global_control"):
+        control = policy.global_control
+        data["global_control"] = {"percent": control.percent, "salt": control.salt}
     return data
 
 
@@ -309,7 +312,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "apply",
         help="apply a workspace policy YAML file",
         description="Apply the delivery policy (default_timezone, frequency_caps, quiet_hours, "
-        "require_opt_in) through DispatchService.ApplyWorkspacePolicy. Prints the version and "
+        "require_opt_in, global_control) through DispatchService.ApplyWorkspacePolicy. "
+        "Prints the version and "
         "whether it changed; exits 1 if the policy is invalid (the message names the field).",
     )
     apply.add_argument("file", metavar="FILE", help="policy YAML file")

@@ -311,6 +311,7 @@ class WorkspacePolicy(_message.Message):
     QUIET_HOURS_FIELD_NUMBER: _builtins.int
     REQUIRE_OPT_IN_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    GLOBAL_CONTROL_FIELD_NUMBER: _builtins.int
     default_timezone: _builtins.str
     """IANA time zone for users without a valid `timezone` trait."""
     version: _builtins.int
@@ -327,6 +328,10 @@ class WorkspacePolicy(_message.Message):
     def require_opt_in(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Channels whose marketing sends require `<channel>_subscribe: opted_in`."""
 
+    @_builtins.property
+    def global_control(self) -> Global___GlobalControl:
+        """The workspace-wide hold-out of marketing campaigns, if any."""
+
     def __init__(
         self,
         *,
@@ -335,14 +340,43 @@ class WorkspacePolicy(_message.Message):
         quiet_hours: Global___QuietHours | None = ...,
         require_opt_in: _abc.Iterable[_builtins.str] | None = ...,
         version: _builtins.int = ...,
+        global_control: Global___GlobalControl | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["quiet_hours", b"quiet_hours"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["global_control", b"global_control", "quiet_hours", b"quiet_hours"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_timezone", b"default_timezone", "frequency_caps", b"frequency_caps", "quiet_hours", b"quiet_hours", "require_opt_in", b"require_opt_in", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_timezone", b"default_timezone", "frequency_caps", b"frequency_caps", "global_control", b"global_control", "quiet_hours", b"quiet_hours", "require_opt_in", b"require_opt_in", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkspacePolicy: _TypeAlias = WorkspacePolicy  # noqa: Y015
+
+@_typing.final
+class GlobalControl(_message.Message):
+    """GlobalControl holds `percent` of the workspace's users out of every marketing campaign (they
+    are still measured, as the `global_control` group of each campaign's stats).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERCENT_FIELD_NUMBER: _builtins.int
+    SALT_FIELD_NUMBER: _builtins.int
+    percent: _builtins.float
+    """Percentage of users held out (0 < percent <= 50)."""
+    salt: _builtins.str
+    """Assignment salt: a new value draws a new set of users."""
+    def __init__(
+        self,
+        *,
+        percent: _builtins.float = ...,
+        salt: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["percent", b"percent", "salt", b"salt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GlobalControl: _TypeAlias = GlobalControl  # noqa: Y015
 
 @_typing.final
 class ApplyWorkspacePolicyRequest(_message.Message):
@@ -353,7 +387,9 @@ class ApplyWorkspacePolicyRequest(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def policy(self) -> _struct_pb2.Struct:
-        """The document: default_timezone, frequency_caps, quiet_hours, require_opt_in."""
+        """The document: default_timezone, frequency_caps, quiet_hours, require_opt_in,
+        global_control.
+        """
 
     def __init__(
         self,
