@@ -67,6 +67,7 @@ from services.dispatch.policy import (
 )
 from services.dispatch.recipient_twin import FAILED, IDENTIFY, RecipientFacts, project_recipient
 from services.dispatch.templating import RenderError, render_field, single_line
+from services.rules import store
 from services.rules.application import decision_time, validate_campaign
 from services.rules.cel import CompiledCampaign, compile_campaign
 from services.rules.domain import (
@@ -877,26 +878,13 @@ def workspace_settings(
     return policy, global_control
 
 
-def _recorded(row: asyncpg.Record) -> RecordedEvent:
-    return RecordedEvent(
-        workspace_id=row["workspace_id"],
-        user_id=row["user_id"],
-        event_id=row["event_id"],
-        name=row["name"],
-        occurred_at=row["occurred_at"],
-        received_at=row["received_at"],
-        properties=row["properties"],
-        global_position=row["global_position"],
-    )
-
-
 async def _users_events(
     conn: Conn, workspace_id: str, users: list[str], end: datetime
 ) -> AsyncIterator[list[RecordedEvent]]:
     """Each involved user's events, one user at a time."""
     current: list[RecordedEvent] = []
     async for row in conn.cursor(USER_EVENTS_SQL, workspace_id, users, end, prefetch=2000):
-        event = _recorded(row)
+        event = store.recorded_event(row)
         if current and current[0].user_id != event.user_id:
             yield current
             current = []

@@ -100,19 +100,6 @@ def compare_user(
     return None
 
 
-def _recorded(row: asyncpg.Record) -> RecordedEvent:
-    return RecordedEvent(
-        workspace_id=row["workspace_id"],
-        user_id=row["user_id"],
-        event_id=row["event_id"],
-        name=row["name"],
-        occurred_at=row["occurred_at"],
-        received_at=row["received_at"],
-        properties=row["properties"],
-        global_position=row["global_position"],
-    )
-
-
 def check_assignment(
     event: RecordedEvent, experiments: Mapping[tuple[str, int], Experiment | None]
 ) -> Mismatch | None:
@@ -199,7 +186,7 @@ async def verify_projection(pool: asyncpg.Pool, workspace_id: str) -> ReplayRepo
             checkpoint.position,
             prefetch=2000,
         ):
-            event = _recorded(row)
+            event = store.recorded_event(row)
             if event.user_id != user_id:
                 if user_id is not None and state is not None:
                     comparison.user(user_id, (state, position))

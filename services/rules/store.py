@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from nudge.db import Conn, Queryable
+from services.rules.domain import RecordedEvent
 
 CAMPAIGNS_CHANNEL = "nudge_campaigns"
 OUTBOX_CHANNEL = "nudge_rules_outbox"
@@ -611,6 +612,20 @@ async def live_states(conn: Queryable, workspace_id: str) -> dict[str, tuple[dic
         workspace_id,
     )
     return {r["user_id"]: (r["state"], r["last_position"]) for r in rows}
+
+
+def recorded_event(row: Any) -> RecordedEvent:
+    """The domain view of an `events` row (selected with the columns of REPLAY_EVENTS_SQL)."""
+    return RecordedEvent(
+        workspace_id=row["workspace_id"],
+        user_id=row["user_id"],
+        event_id=row["event_id"],
+        name=row["name"],
+        occurred_at=row["occurred_at"],
+        received_at=row["received_at"],
+        properties=row["properties"],
+        global_position=row["global_position"],
+    )
 
 
 REPLAY_EVENTS_SQL = """
