@@ -127,7 +127,9 @@ _OUTCOMES_SQL = f"""
         SELECT inst.grp, inst.send_id, e.name, COALESCE(e.properties->>'code', '?') AS code
         FROM inst JOIN events e
           ON e.workspace_id = $1 AND e.user_id = inst.user_id
+         AND e.properties->>'campaign_id' = $2
          AND e.properties->>'send_id' = inst.send_id::text
+         AND e.name LIKE 'message.%'  -- the index events_outcomes_by_campaign (0009)
         WHERE inst.send_id IS NOT NULL AND e.name = ANY($4::text[])
     )
     SELECT grp, name, '' AS code, count(DISTINCT send_id) AS sends FROM outcomes GROUP BY 1, 2
