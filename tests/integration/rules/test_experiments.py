@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 
 from nudge.dispatch.v1 import dispatch_pb2
-from services.rules import replay, store
+from services.rules import campaign_stats, replay, store
 from services.rules.experiments import GlobalControl, assign, parse_experiment
 from tests.integration.rules.conftest import MARGIN, Engine, example
 
@@ -245,3 +245,60 @@ async def test_global_control_holds_users_out_of_marketing_only(engine: Engine) 
     report = await replay.verify_projection(engine.pool, engine.workspace_id)
     assert report.match
     assert report.assignments == len(held)
+
+
+async def test_assignment_survives_new_versions_and_a_new_salt_resets_it(engine: Engine) -> None:
+    experiment = parse_experiment(EXPERIMENT)
+    users = [f"u{n:03}" for n in range(40)]
+
+    async def fill(tag: str) -> dict[str, tuple[str, str, int]]:
+        for user in users:
+            await engine.append(
+                engine.event(
+                    user, "add_to_cart", f"{tag}-{user}", cart_id=f"{tag}-{user}", value=40
+                )
+            )
+        await engine.project()
+        rows = await engine.pool.fetch(
+            """SELECT user_id, experiment_group, experiment_salt, version FROM campaign_instances
+               WHERE trigger_event_id LIKE $1 || '-%'""",
+            tag,
+        )
+        return {
+            r["user_id"]: (r["experiment_group"], r["experiment_salt"], r["version"]) for r in rows
+        }
+
+    await engine.admin.apply(engine.workspace_id, cart_campaign())
+    for user in users:
+        await engine.append(engine.event(user, "$identify", f"id-{user}", email=f"{user}@x.test"))
+    first = await fill("v1")
+    # A new version (another subject and delay) moves nobody.
+    await engine.admin.apply(engine.workspace_id, cart_campaign(name="Cart, v2", delay="2h"))
+    second = await fill("v2")
+    assert {u: g for u, (g, _, _) in second.items()} == {u: g for u, (g, _, _) in first.items()}
+    assert {v for _, _, v in first.values()} == {1}
+    assert {v for _, _, v in second.values()} == {2}
+
+    # A new salt is a reset: every user is drawn again with it.
+    await engine.admin.apply(
+        engine.workspace_id, cart_campaign(experiment=EXPERIMENT | {"salt": "reset-1"})
+    )
+    third = await fill("v3")
+    salted = parse_experiment(EXPERIMENT | {"salt": "reset-1"})
+    for user, (group, salt, version) in third.items():
+        assert (salt, version) == ("reset-1", 3)
+        assert group == assign(engine.workspace_id, "abandoned-cart", user, salted).group
+    moved = sum(third[u][0] != first[u][0] for u in users)
+    assert moved > 0
+    assert all(
+        first[u][0] == assign(engine.workspace_id, "abandoned-cart", u, experiment).group
+        for u in users
+    )
+
+    # The stats count the entries of the current salt only.
+    report = await campaign_stats.campaign_stats(engine.pool, engine.workspace_id, "abandoned-cart")
+    assert report.salt == "reset-1"
+    assert sum(group.instances for group in report.groups) == len(users)
+    assert {g.group: g.entered for g in report.groups} == dict(
+        Counter(group for group, _, _ in third.values())
+    )
