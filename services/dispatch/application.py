@@ -52,7 +52,7 @@ from services.dispatch.policy import (
     user_zone,
 )
 from services.dispatch.store import RecipientRecord, SendRow
-from services.dispatch.templating import RenderError, render_message
+from services.dispatch.templating import UNSUBSCRIBE_VARIABLE, RenderError, render_message
 from services.dispatch.tracking import (
     InvalidTrackingTokenError,
     TokenKind,
@@ -65,6 +65,7 @@ from services.dispatch.unsubscribe import UnsubscribeLinks, UnsubscribeRequest
 log = logging.getLogger("nudge.dispatch")
 
 KINDS = ("marketing", "transactional")
+PREVIEW_UNSUBSCRIBE_URL = "https://unsubscribe.invalid/preview"
 
 
 def recipient_of(record: RecipientRecord) -> Recipient:
@@ -302,6 +303,8 @@ class Dispatcher:
             await self._dead(send, f"channel {send.channel!r} is not configured")
             return
         context: dict[str, Any] = struct_to_dict(request.context)
+        unsubscribe_url = self._unsubscribe_url(send)
+        context[UNSUBSCRIBE_VARIABLE] = unsubscribe_url or ""
         try:
             fields = render_message(dict(sorted(request.template.items())), context)
         except RenderError as error:
@@ -313,14 +316,14 @@ class Dispatcher:
                 await store.mark_suppressed(conn, send, *refusal)
             metrics.count_send(send.channel, "suppressed")
             return
-        fields, tracked_links = self._track(send, fields)
+        fields, tracked_links = self._track(send, fields, unsubscribe_url)
         message = OutboundMessage(
             send_id=send.send_id,
             workspace_id=send.workspace_id,
             user_id=send.user_id,
             channel=send.channel,
             fields=fields,
-            unsubscribe_url=self._unsubscribe_url(send),
+            unsubscribe_url=unsubscribe_url,
         )
         async with self.lanes.semaphore(send.channel):
             attempting = await store.mark_attempting(self._pool, send, self._lease, tracked_links)
@@ -357,12 +360,13 @@ class Dispatcher:
         metrics.count_send(send.channel, "sent")
 
     def _track(
-        self, send: SendRow, fields: dict[str, str]
+        self, send: SendRow, fields: dict[str, str], unsubscribe_url: str | None
     ) -> tuple[dict[str, str], tuple[str, ...] | None]:
         """The fields to send and the links to store with the attempt (None: not tracked).
 
         Only marketing email with an HTML part is tracked: a transactional message (a password
         reset) must reach its link without a detour through us, and plain text has no pixel.
+        The unsubscribe link is never tracked: it goes straight to the unsubscribe page.
         """
         html_body = fields.get("html")
         tracking = self._tracking
@@ -370,7 +374,13 @@ class Dispatcher:
             return fields, None
         if not html_body:
             return fields, None
-        rewritten = rewrite_links(html_body, send.send_id, tracking.base_url, tracking.secret)
+        rewritten = rewrite_links(
+            html_body,
+            send.send_id,
+            tracking.base_url,
+            tracking.secret,
+            untracked=() if unsubscribe_url is None else (unsubscribe_url,),
+        )
         return {**fields, "html": rewritten.html}, rewritten.links
 
     def _unsubscribe_url(self, send: SendRow) -> str | None:
@@ -613,9 +623,14 @@ async def preview(
     template: Mapping[str, str],
     context: Mapping[str, Any],
 ) -> Preview:
-    """Render like a real send and evaluate consent, quiet hours and caps read-only."""
+    """Render like a real send and evaluate consent, quiet hours and caps read-only.
+
+    `{{ unsubscribe_url }}` renders as a placeholder (`PREVIEW_UNSUBSCRIBE_URL`) for marketing
+    email: a real link would unsubscribe the user when somebody clicks it in the preview."""
     fields: dict[str, str] = {}
     error = error_field = ""
+    preview_url = PREVIEW_UNSUBSCRIBE_URL if channel == "email" and kind == "marketing" else ""
+    context = {**context, UNSUBSCRIBE_VARIABLE: preview_url}
     try:
         fields = render_message(dict(sorted(template.items())), context)
     except RenderError as failure:

@@ -31,7 +31,10 @@ CONTEXT_DEPTH_LIMIT: Final = 10
 RENDER_DEADLINE_S: Final = 1.0
 COMPILED_TEMPLATE_CACHE_SIZE: Final = 512
 
-CONTEXT_ROOTS: Final = frozenset({"user", "event", "trigger", "campaign"})
+UNSUBSCRIBE_VARIABLE: Final = "unsubscribe_url"
+"""The message's one-click unsubscribe link (marketing email; an empty string elsewhere), for
+the visible link a marketing email must carry."""
+CONTEXT_ROOTS: Final = frozenset({"user", "event", "trigger", "campaign", UNSUBSCRIBE_VARIABLE})
 HTML_FIELDS: Final = frozenset({"html"})
 JSON_FIELDS: frozenset[str] = frozenset({"payload"})
 HEADER_FIELDS: Final = frozenset({"to", "subject", "from"})

@@ -30,7 +30,7 @@ import hashlib
 import hmac
 import html
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from html.parser import HTMLParser
@@ -164,8 +164,17 @@ class Rewritten:
     links: tuple[str, ...]
 
 
-def rewrite_links(html_text: str, send_id: str, base_url: str, secret: bytes) -> Rewritten:
+def rewrite_links(
+    html_text: str,
+    send_id: str,
+    base_url: str,
+    secret: bytes,
+    *,
+    untracked: Collection[str] = (),
+) -> Rewritten:
     """Point every trackable `<a href>` at the click redirect and add the open pixel.
+
+    Links to a URL in `untracked` (the message's unsubscribe link) are left as written.
 
     Returns the rewritten HTML and the original URLs in order; persist the URLs with the
     send, they are what `resolve_click` redirects to. Each occurrence of a URL is its own link
@@ -188,7 +197,7 @@ def rewrite_links(html_text: str, send_id: str, base_url: str, secret: bytes) ->
             continue
         href = attrs[href_at][1]
         url = None if href is None else trackable(href)
-        if url is None or url.startswith(own_prefix):
+        if url is None or url.startswith(own_prefix) or url in untracked:
             continue
         attrs[href_at] = ("href", click_url(base, send_id, len(links), secret))
         links.append(url)

@@ -16,7 +16,14 @@ import httpx
 import pytest
 
 from services.dispatch import store
-from services.dispatch.application import Dispatcher, Tracker, TrackingConfig, Unsubscriber
+from services.dispatch.application import (
+    PREVIEW_UNSUBSCRIBE_URL,
+    Dispatcher,
+    Tracker,
+    TrackingConfig,
+    Unsubscriber,
+    preview,
+)
 from services.dispatch.channels.base import Channel
 from services.dispatch.channels.email import SmtpChannel
 from services.dispatch.http_api import PublicApp, start_http_server
@@ -280,3 +287,47 @@ async def test_global_control_is_stored_in_the_workspace_policy(rig: Rig) -> Non
         WORKSPACE,
     )
     assert still == {"percent": 5, "salt": "2025"}
+
+
+async def test_the_unsubscribe_link_is_a_template_variable_and_never_tracked(
+    rig: Rig, tracked: Tracked
+) -> None:
+    footer = '<p><a href="{{ unsubscribe_url }}">Unsubscribe</a></p>'
+    template = email(HTML.replace("</body>", footer + "</body>")) | {
+        "body": "Your cart is waiting. Unsubscribe: {{ unsubscribe_url }}"
+    }
+    marketing = rig.request(template=template)
+    transactional = rig.request(kind="transactional", template=template)
+    await tracked.dispatcher.accept(marketing)
+    await tracked.dispatcher.accept(transactional)
+
+    first, second = rig.smtp.messages
+    header = str(first.message["List-Unsubscribe"])[1:-1]
+    assert first.text == f"Your cart is waiting. Unsubscribe: {header}"
+    shop, _, faq, unsubscribe = links_in(received_html(rig, 0)).hrefs
+    assert unsubscribe == header  # as written: straight to the unsubscribe page
+    assert shop.startswith(f"{tracked.base}/c/")
+    assert faq.startswith(f"{tracked.base}/c/")
+    assert header not in await stored_links(rig, marketing.send_id)
+    # Transactional email has no unsubscribe link: the variable is empty.
+    assert second.message["List-Unsubscribe"] is None
+    assert second.text == "Your cart is waiting. Unsubscribe:"
+
+
+async def test_a_preview_shows_a_placeholder_unsubscribe_link(rig: Rig) -> None:
+    template = {"body": "Stop: {{ unsubscribe_url }}"}
+    shown = {
+        kind: await preview(
+            rig.pool,
+            workspace_id=WORKSPACE,
+            user_id="ann",
+            channel="email",
+            kind=kind,
+            template=template,
+            context={},
+        )
+        for kind in ("marketing", "transactional")
+    }
+    # Not a working link: clicking it in a preview must not unsubscribe the user.
+    assert shown["marketing"].fields["body"] == f"Stop: {PREVIEW_UNSUBSCRIBE_URL}"
+    assert shown["transactional"].fields["body"] == "Stop: "
