@@ -3,6 +3,7 @@ that record what they receive (both on 127.0.0.1, each in its own thread)."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.message
 import email.policy
@@ -70,9 +71,10 @@ class SmtpFault:
     `stage` "mail", "rcpt" or "data": answer that command with `reply` (e.g. "421 4.3.2 Busy",
     "550 5.1.1 No such user") instead of accepting. "lose_reply": accept and record the message,
     then drop the connection before the final reply (the provider has it; the sender cannot
-    know)."""
+    know). "close_after": accept, reply, then close the connection (a server dropping a client
+    it considers idle)."""
 
-    stage: Literal["mail", "rcpt", "data", "lose_reply"]
+    stage: Literal["mail", "rcpt", "data", "lose_reply", "close_after"]
     reply: str = ""
 
 
@@ -83,6 +85,8 @@ class SmtpSink:
     def __init__(self, port: int | None = None, faults: Iterable[SmtpFault] = ()) -> None:
         self.port = port or free_port()
         self.faults: deque[SmtpFault] = deque(faults)
+        self.sessions = 0
+        """SMTP sessions (connections) that sent MAIL at least once."""
         self._recorder = _Recorder()
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
 
@@ -95,6 +99,9 @@ class SmtpSink:
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str:
         """aiosmtpd hook: accept the sender unless a "mail" fault is due."""
+        if not getattr(session, "nudge_counted", False):
+            session.nudge_counted = True
+            self.sessions += 1
         fault = self._fault("mail")
         if fault is not None:
             return fault.reply
@@ -120,7 +127,7 @@ class SmtpSink:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         """aiosmtpd hook: record the message (unless a "data" fault refuses it)."""
-        fault = self._fault("data", "lose_reply")
+        fault = self._fault("data", "lose_reply", "close_after")
         if fault is not None and fault.stage == "data":
             return fault.reply
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
@@ -128,8 +135,10 @@ class SmtpSink:
         self._recorder.add(
             ReceivedMail(envelope.mail_from, tuple(envelope.rcpt_tos), message, time.monotonic())
         )
-        if fault is not None:  # lose_reply: accepted, but the sender never hears it
+        if fault is not None and fault.stage == "lose_reply":  # the sender never hears it
             server.transport.close()
+        elif fault is not None:  # close_after: once the reply is out
+            asyncio.get_running_loop().call_later(0.05, server.transport.close)
         return "250 OK"
 
     @property

@@ -30,6 +30,7 @@ from aiosmtpd.smtp import Envelope, Session
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from nudge.testing.sinks import SmtpFault, SmtpSink
 from services.dispatch.channels import (
     AmbiguousChannelError,
     Channel,
@@ -37,6 +38,7 @@ from services.dispatch.channels import (
     PermanentChannelError,
     TransientChannelError,
 )
+from services.dispatch.channels import email as email_channel
 from services.dispatch.channels.console import ConsoleChannel
 from services.dispatch.channels.email import SmtpChannel
 from services.dispatch.channels.webhook import (
@@ -170,14 +172,27 @@ def smtp_peer() -> Iterator[tuple[RecordingHandler, int]]:
         controller.stop()
 
 
+_OPEN_CHANNELS: list[SmtpChannel] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_smtp_channels() -> AsyncIterator[None]:
+    """Close the channels a test made (they keep idle connections open for reuse)."""
+    yield
+    while _OPEN_CHANNELS:
+        await _OPEN_CHANNELS.pop().aclose()
+
+
 def smtp_channel(port: int, timeout_s: float = 5) -> SmtpChannel:
-    return SmtpChannel(
+    channel = SmtpChannel(
         f"smtp://{LOCALHOST}:{port}",
         "Nudge <noreply@nudge.test>",
         message_id_domain="mail.nudge.test",
         timeout_s=timeout_s,
         local_hostname="dispatch.nudge.test",
     )
+    _OPEN_CHANNELS.append(channel)
+    return channel
 
 
 def email_message(**overrides: str) -> OutboundMessage:
@@ -845,3 +860,79 @@ def test_each_workspace_signs_with_its_own_secret_derived_from_the_master() -> N
     with pytest.raises(WebhookVerificationError):
         Webhook(acme).verify(b"{}", headers)
     assert Webhook(workspace_secret(SECRET, "globex")).verify(b"{}", headers) == {}
+
+
+# --- SMTP connection reuse ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    peer = SmtpSink().start()
+    yield peer
+    peer.stop()
+
+
+def numbered(n: int) -> OutboundMessage:
+    return email_message(subject=f"Message {n}")
+
+
+async def test_a_stream_of_mail_uses_one_connection(sink: SmtpSink) -> None:
+    channel = smtp_channel(sink.port)
+    for n in range(3):
+        await channel.send(numbered(n))
+    assert [m.subject for m in sink.messages] == ["Message 0", "Message 1", "Message 2"]
+    assert sink.sessions == 1
+    # Concurrent sends each need a connection; afterwards they are reused, not reopened.
+    await asyncio.gather(*(channel.send(numbered(n)) for n in range(3, 6)))
+    before = sink.sessions
+    await asyncio.gather(*(channel.send(numbered(n)) for n in range(6, 9)))
+    assert sink.sessions == before
+    assert len(sink.messages) == 9
+
+
+async def test_an_idle_connection_the_server_closed_is_replaced_without_a_duplicate(
+    sink: SmtpSink,
+) -> None:
+    channel = smtp_channel(sink.port)
+    sink.faults.append(SmtpFault("close_after"))
+    await channel.send(numbered(0))
+    await asyncio.sleep(0.2)  # the server has closed the idle connection
+    await channel.send(numbered(1))
+    assert [m.subject for m in sink.messages] == ["Message 0", "Message 1"]
+    assert sink.sessions == 2
+
+
+async def test_a_421_on_a_reused_connection_retries_on_a_fresh_one(sink: SmtpSink) -> None:
+    channel = smtp_channel(sink.port)
+    await channel.send(numbered(0))
+    sink.faults.append(SmtpFault("mail", "421 4.4.2 Idle too long, closing"))
+    await channel.send(numbered(1))
+    assert [m.subject for m in sink.messages] == ["Message 0", "Message 1"]
+    assert sink.sessions == 2
+
+
+async def test_a_421_on_a_fresh_connection_is_a_transient_failure(sink: SmtpSink) -> None:
+    sink.faults.append(SmtpFault("mail", "421 4.3.2 Busy"))
+    with pytest.raises(TransientChannelError, match="421"):
+        await smtp_channel(sink.port).send(numbered(0))
+    assert sink.messages == []
+
+
+async def test_a_connection_that_saw_a_refusal_is_not_reused(sink: SmtpSink) -> None:
+    channel = smtp_channel(sink.port)
+    sink.faults.append(SmtpFault("rcpt", "550 5.7.1 Policy"))
+    with pytest.raises(PermanentChannelError):
+        await channel.send(numbered(0))
+    await channel.send(numbered(1))
+    assert [m.subject for m in sink.messages] == ["Message 1"]
+    assert sink.sessions == 2
+
+
+async def test_connections_idle_too_long_are_not_reused(
+    sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(email_channel, "IDLE_TIMEOUT_S", 0.0)
+    channel = smtp_channel(sink.port)
+    await channel.send(numbered(0))
+    await channel.send(numbered(1))
+    assert sink.sessions == 2
