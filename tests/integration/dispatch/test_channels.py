@@ -936,3 +936,37 @@ async def test_connections_idle_too_long_are_not_reused(
     await channel.send(numbered(0))
     await channel.send(numbered(1))
     assert sink.sessions == 2
+
+
+async def test_smtp_headers_survive_non_ascii_and_long_values(sink: SmtpSink) -> None:
+    subject = "Grüße aus Köln — " + "ein sehr langer Betreff " * 12
+    long_ascii = "An ASCII subject " * 20
+    channel = smtp_channel(sink.port)
+    await channel.send(
+        email_message(to="Jürgen Groß <juergen@example.test>", subject=subject.strip())
+    )
+    await channel.send(email_message(subject=long_ascii.strip(), html=""))
+    first, second = sink.messages
+    assert first.message["To"] == "Jürgen Groß <juergen@example.test>"
+    assert first.subject == subject.strip()
+    assert second.subject == long_ascii.strip()
+    assert first.message.get_body(preferencelist=("html",)) is not None
+    assert second.message.get_content_type() == "text/plain"
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"from": "not an address"}, "invalid sender"),
+        ({"from": "a@example.test, b@example.test"}, "exactly one"),
+        ({"from": "Evil\r\nBcc: x@example.test <a@example.test>"}, "invalid"),
+        ({"subject": "Hi\nBcc: victim@example.test"}, "line break"),
+        ({"subject": "Hi\x00there"}, "line break"),
+    ],
+)
+async def test_smtp_refuses_unusable_headers_before_connecting(
+    sink: SmtpSink, fields: dict[str, str], reason: str
+) -> None:
+    with pytest.raises(PermanentChannelError, match=reason):
+        await smtp_channel(sink.port).send(email_message(**fields))
+    assert sink.sessions == 0
