@@ -25,8 +25,10 @@ before migration 0008 has no `entered_at`; its creation time stands in.
 
 Groups: an instance without a group (before 0008) is in `treatment`. The baseline is `control`
 when the experiment has one (or the data do), else the first variant; `global_control` is
-reported on its own row and never compared or pooled (those users got no marketing at all, a
-different baseline). A group the data have but the current experiment does not (a removed or
+reported on its own row and never compared with the variants or pooled with `control` (those
+users got no marketing at all, a different baseline). A campaign without an experiment has no
+control of its own: there `treatment` is compared with `global_control`, the lift of the
+campaign over no marketing. A group the data have but the current experiment does not (a removed or
 renamed variant) is reported without a comparison.
 """
 
@@ -278,6 +280,9 @@ def _layout(
     experiment: experiments.Experiment | None, counts: Mapping[str, Any]
 ) -> tuple[list[str], str | None, list[str]]:
     """(row order, baseline, the groups compared with it)."""
+    if experiment is None and GLOBAL_CONTROL in counts:
+        others = sorted(g for g in counts if g not in (GLOBAL_CONTROL, DEFAULT_VARIANT))
+        return [GLOBAL_CONTROL, DEFAULT_VARIANT, *others], GLOBAL_CONTROL, [DEFAULT_VARIANT]
     defined = list(experiment.groups) if experiment is not None else [DEFAULT_VARIANT]
     if CONTROL in counts and CONTROL not in defined:
         defined.insert(0, CONTROL)  # control removed from the definition: still the baseline

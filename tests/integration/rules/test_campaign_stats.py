@@ -172,18 +172,18 @@ class Data:
             at,
         )
 
-    async def arm(self, group: str, users: int, conversions: int) -> None:
+    async def arm(self, group: str, users: int, conversions: int, salt: str = "s1") -> None:
         """`users` held-out or sent users of `group`, the first `conversions` of them converted
         (bulk, for the verdict tests)."""
-        state = "held_out" if group == "control" else "sent"
+        state = "held_out" if group in ("control", "global_control") else "sent"
         rows = [(str(uuid.uuid4()), f"{group}-{i}", group, state, T0 + H) for i in range(users)]
         await self.pool.executemany(
             """INSERT INTO campaign_instances (instance_id, workspace_id, campaign_id, version,
                    user_id, trigger_event_id, trigger_event, state, due_at, experiment_group,
                    experiment_salt, entered_at, exposed_at)
-               VALUES ($1::uuid, $6, $7, 1, $2, 't-' || $1::text, '{}', $4, $5, $3, 's1', $8,
+               VALUES ($1::uuid, $6, $7, 1, $2, 't-' || $1::text, '{}', $4, $5, $3, $9, $8,
                        $5)""",
-            [(*row, self.workspace_id, CAMPAIGN, T0) for row in rows],
+            [(*row, self.workspace_id, CAMPAIGN, T0, salt) for row in rows],
         )
         await self.pool.executemany(
             "INSERT INTO campaign_conversions (instance_id, event_id, workspace_id, campaign_id,"
@@ -514,3 +514,21 @@ async def test_get_campaign_stats_over_grpc_and_the_cli(
         "wait-1h",
         "wait-24h",
     ]
+
+
+async def test_without_an_experiment_the_campaign_is_compared_with_global_control(
+    data: Data,
+) -> None:
+    await data.campaign(definition(conversion=CONVERSION))
+    await data.arm("treatment", 400, 120, salt="")
+    await data.arm("global_control", 200, 30, salt="")
+    report = await campaign_stats(data.pool, data.workspace_id, CAMPAIGN)
+    assert [(g.group, g.role) for g in report.groups] == [
+        ("global_control", "baseline"),
+        ("treatment", "variant"),
+    ]
+    assert report.baseline == "global_control"
+    treatment = report.groups[1]
+    assert treatment.comparison is not None
+    assert treatment.comparison.verdict.kind is stats.VerdictKind.BETTER
+    assert treatment.comparison.absolute_uplift == pytest.approx(0.30 - 0.15)
