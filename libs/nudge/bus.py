@@ -7,8 +7,10 @@ publish has a deterministic `Nats-Msg-Id`, and every stream a 10-minute duplicat
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -24,6 +26,8 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 from opentelemetry import propagate
+
+log = logging.getLogger("nudge.bus")
 
 DUPLICATE_WINDOW_S = 600.0
 
@@ -111,8 +115,21 @@ async def ensure_streams(js: JetStreamContext, names: BusNames) -> None:
             await js.add_stream(config)
 
 
+REDELIVERY_BACKOFF_S: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+"""NAK delays by delivery: the n-th failed delivery waits the n-th entry, then the last."""
+REDELIVERY_ALERT_EVERY: Final = 10
+"""A message failing this many deliveries (and each multiple) is logged at error level."""
+
+
 def work_queue_consumer(durable: str, subject: str, ack_wait_s: float = 60.0) -> ConsumerConfig:
-    """Config of a durable pull consumer shared by a service's replicas."""
+    """Config of a durable pull consumer shared by a service's replicas.
+
+    Deliveries are unlimited. Every message on these streams is a unit of work whose loss would
+    be silent (a send request, a fired timer): JetStream's MaxDeliver would drop it after a
+    database outage of a few retries. The handlers terminate what can never succeed (poison: not
+    decodable, invalid) and NAK the rest with `redelivery_delay`, so what remains is retried at
+    most once a minute, and logged loudly (`REDELIVERY_ALERT_EVERY`), until it succeeds.
+    """
     return ConsumerConfig(
         durable_name=durable,
         filter_subject=subject,
@@ -120,9 +137,21 @@ def work_queue_consumer(durable: str, subject: str, ack_wait_s: float = 60.0) ->
         ack_wait=ack_wait_s,
         # No BackOff list: JetStream would use its first entry as the ack wait of the first
         # delivery and redeliver work that is still running. Handlers pace retries with NAK delays.
-        max_deliver=8,
+        max_deliver=-1,
         max_ack_pending=1000,
     )
+
+
+def redelivery_delay(message: Msg) -> float:
+    """The NAK delay for a message whose handling failed (transiently) on this delivery."""
+    delivered = max(1, message.metadata.num_delivered or 1)
+    if delivered % REDELIVERY_ALERT_EVERY == 0:
+        log.error(
+            "message on %s failed %d deliveries; retrying (see the service's errors)",
+            message.subject,
+            delivered,
+        )
+    return REDELIVERY_BACKOFF_S[min(delivered, len(REDELIVERY_BACKOFF_S)) - 1]
 
 
 def trace_headers(msg_id: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:

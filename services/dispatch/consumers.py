@@ -11,7 +11,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 
-from nudge.bus import BusNames, fetch_available, work_queue_consumer
+from nudge.bus import BusNames, fetch_available, redelivery_delay, work_queue_consumer
 from nudge.dispatch.v1 import dispatch_pb2
 from nudge.telemetry import consumer_span
 from services.dispatch.application import Dispatcher
@@ -68,7 +68,7 @@ async def _process(dispatcher: Dispatcher, message: Msg) -> None:
         await dispatcher.record(request)
     except Exception:
         log.exception("send %s could not be recorded; will be redelivered", request.send_id)
-        await message.nak(delay=1.0)
+        await message.nak(delay=redelivery_delay(message))
         return
     try:
         await message.ack_sync()

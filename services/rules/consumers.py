@@ -10,7 +10,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from nudge.bus import BusNames, fetch_available, work_queue_consumer
+from nudge.bus import BusNames, fetch_available, redelivery_delay, work_queue_consumer
 from nudge.runtime import sleep_or_wake
 from nudge.scheduler.v1 import scheduler_pb2
 from nudge.telemetry import consumer_span
@@ -86,12 +86,12 @@ async def _handle_fired(handler: TimerHandler, message: Msg) -> None:
         return
     if not await handler.wait_for_projection(fired.snapshot_xmax):
         log.warning("projection behind timer %s's watermark; redelivering", fired.timer.timer_id)
-        await message.nak(delay=1.0)
+        await message.nak(delay=redelivery_delay(message))
         return
     try:
         await handler.handle(fired)
     except Exception:
         log.exception("fired timer %s failed; will be redelivered", fired.timer.timer_id)
-        await message.nak(delay=1.0)
+        await message.nak(delay=redelivery_delay(message))
         return
     await message.ack_sync()

@@ -1,0 +1,105 @@
+"""A send request survives an outage longer than a bounded MaxDeliver would: the JetStream
+consumer (real nats-server) NAKs with a growing delay and never drops the request, and a poison
+request is terminated at once instead of being retried."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import cast
+
+import nats
+import pytest
+
+from nudge import bus
+from nudge.bus import BusNames, ensure_streams
+from nudge.dispatch.v1.dispatch_pb2 import SendRequest
+from services.dispatch.application import Dispatcher
+from services.dispatch.consumers import consume_send_requests
+from tests.integration.dispatch.conftest import Rig
+from tests.integration.dispatch.test_unsubscribe_and_bulkheads import publish
+
+FAILURES = 12  # more deliveries than the former MaxDeliver of 8
+
+
+class FlakyDispatcher:
+    """The rig's dispatcher behind a database that is down for the first `failures` records."""
+
+    def __init__(self, inner: Dispatcher, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+        self.attempts = 0
+
+    async def record(self, request: SendRequest) -> None:
+        self.attempts += 1
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionRefusedError("database is down")
+        await self.inner.record(request)
+
+    def submit(self, send_id: str, channel: str) -> None:
+        self.inner.submit(send_id, channel)
+
+
+async def test_a_send_request_outlives_an_outage_of_many_deliveries(
+    rig: Rig,
+    nats_url: str,
+    test_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(bus, "REDELIVERY_BACKOFF_S", (0.02, 0.05))
+    flaky = FlakyDispatcher(rig.dispatcher, FAILURES)
+    names = BusNames(f"t{test_id}")
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_streams(js, names)
+    consumer = asyncio.create_task(
+        consume_send_requests(js, names, cast(Dispatcher, flaky), ack_wait_s=5)
+    )
+    try:
+        request = rig.request(user="ann")
+        with caplog.at_level(logging.ERROR, logger="nudge.bus"):
+            await publish(js, names, request)
+            arrived = await asyncio.to_thread(rig.smtp.wait_for, 1, 10.0)
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        await nc.close()
+
+    assert len(arrived) == 1
+    assert flaky.attempts == FAILURES + 1
+    for _ in range(100):  # the mail is in before dispatch records the outcome
+        if (await rig.send(request.send_id))["state"] == "sent":
+            break
+        await asyncio.sleep(0.05)
+    assert (await rig.send(request.send_id))["state"] == "sent"
+    assert any("failed 10 deliveries" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_poison_request_is_terminated_not_retried(
+    rig: Rig, nats_url: str, test_id: str
+) -> None:
+    flaky = FlakyDispatcher(rig.dispatcher, 0)
+    names = BusNames(f"t{test_id}")
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_streams(js, names)
+    consumer = asyncio.create_task(consume_send_requests(js, names, cast(Dispatcher, flaky)))
+    try:
+        await js.publish(names.dispatch_subject("acme", "email"), b"\xff not a SendRequest")
+        await publish(js, names, rig.request(user="bob"))  # the next one is not blocked
+        arrived = await asyncio.to_thread(rig.smtp.wait_for, 1, 10.0)
+        info = await js.consumer_info(names.dispatch_stream, "dispatch")
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        await nc.close()
+
+    assert len(arrived) == 1
+    assert flaky.attempts == 1  # only the valid request reached the dispatcher
+    assert info.num_pending == 0
+    assert info.num_redelivered == 0
