@@ -142,6 +142,16 @@ def work_queue_consumer(durable: str, subject: str, ack_wait_s: float = 60.0) ->
     )
 
 
+async def work_queue_subscription(
+    js: JetStreamContext, stream: str, durable: str, subject: str, ack_wait_s: float = 60.0
+) -> JetStreamContext.PullSubscription:
+    """Pull from the durable work-queue consumer, creating it or updating its config first
+    (`pull_subscribe` alone keeps the config of a consumer that exists, e.g. an older
+    version's bounded MaxDeliver)."""
+    await js.add_consumer(stream, work_queue_consumer(durable, subject, ack_wait_s))
+    return await js.pull_subscribe(subject, durable=durable, stream=stream)
+
+
 def redelivery_delay(message: Msg) -> float:
     """The NAK delay for a message whose handling failed (transiently) on this delivery."""
     delivered = max(1, message.metadata.num_delivered or 1)

@@ -9,9 +9,8 @@ import uuid
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig
 
-from nudge.bus import BusNames, fetch_available, redelivery_delay, work_queue_consumer
+from nudge.bus import BusNames, fetch_available, redelivery_delay, work_queue_subscription
 from nudge.dispatch.v1 import dispatch_pb2
 from nudge.telemetry import consumer_span
 from services.dispatch.application import Dispatcher
@@ -34,9 +33,8 @@ async def consume_send_requests(
     channel's bulkhead, and whatever a crash or a saturated channel leaves behind is found by the
     sweeper. So a slow provider never holds a fetched batch, and a batch never waits for it."""
     subject = f"{names.prefix}.dispatch.>"
-    config: ConsumerConfig = work_queue_consumer(DURABLE, subject, ack_wait_s)
-    subscription = await js.pull_subscribe(
-        subject, durable=DURABLE, stream=names.dispatch_stream, config=config
+    subscription = await work_queue_subscription(
+        js, names.dispatch_stream, DURABLE, subject, ack_wait_s
     )
     while True:
         messages = await fetch_available(subscription, batch)

@@ -10,7 +10,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from nudge.bus import BusNames, fetch_available, redelivery_delay, work_queue_consumer
+from nudge.bus import BusNames, fetch_available, redelivery_delay, work_queue_subscription
 from nudge.runtime import sleep_or_wake
 from nudge.scheduler.v1 import scheduler_pb2
 from nudge.telemetry import consumer_span
@@ -59,11 +59,8 @@ async def consume_fired_timers(
 ) -> None:
     """Handle fired timers forever; ack after the effect commits (inbox makes repeats no-ops)."""
     subject = names.timers_subject(TIMER_TOPIC)
-    subscription = await js.pull_subscribe(
-        subject,
-        durable=TIMERS_DURABLE,
-        stream=names.timers_stream,
-        config=work_queue_consumer(TIMERS_DURABLE, subject, ack_wait_s),
+    subscription = await work_queue_subscription(
+        js, names.timers_stream, TIMERS_DURABLE, subject, ack_wait_s
     )
     while True:
         for message in await fetch_available(subscription, batch):

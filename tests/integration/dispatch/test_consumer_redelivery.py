@@ -1,6 +1,7 @@
 """A send request survives an outage longer than a bounded MaxDeliver would: the JetStream
-consumer (real nats-server) NAKs with a growing delay and never drops the request, and a poison
-request is terminated at once instead of being retried."""
+consumer (real nats-server) NAKs with a growing delay and never drops the request (also when an
+older version created the consumer with MaxDeliver 8), and a poison request is terminated at
+once instead of being retried."""
 
 from __future__ import annotations
 
@@ -55,6 +56,10 @@ async def test_a_send_request_outlives_an_outage_of_many_deliveries(
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     await ensure_streams(js, names)
+    # The consumer as an older version created it, with a bounded MaxDeliver: updated on start.
+    older = bus.work_queue_consumer("dispatch", f"{names.prefix}.dispatch.>", 5)
+    older.max_deliver = 8
+    await js.add_consumer(names.dispatch_stream, older)
     consumer = asyncio.create_task(
         consume_send_requests(js, names, cast(Dispatcher, flaky), ack_wait_s=5)
     )
