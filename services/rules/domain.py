@@ -1106,6 +1106,12 @@ def cel_view(
     }
 
 
+def zero_event_view(sum_properties: Iterable[str] = ()) -> dict[str, Any]:
+    """`user.events[NAME]` for an event the user never did (what `cel_view` puts for a
+    referenced name): count 0, times null, zero sums."""
+    return _event_view(None, datetime.min, dict.fromkeys(sum_properties, 0.0))
+
+
 def _with_zeros(sums: Mapping[str, float], zeros: dict[str, float]) -> dict[str, float]:
     if not zeros:
         return dict(sums)

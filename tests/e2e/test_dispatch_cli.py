@@ -122,3 +122,39 @@ def test_workspace_policy_preview_and_dead_letters_from_the_cli(nudge: Run, tmp_
     shown = json.loads(nudge("workspace", "show", "--json")[1])
     assert shown["global_control"] == {"percent": 5, "salt": "q4"}
     assert shown["default_timezone"] == "Europe/Berlin"
+
+
+def test_preview_picks_the_branch_a_send_would_and_shows_a_variant(nudge: Run) -> None:
+    onboarding = str(EXAMPLES / "onboarding.yaml")
+    experiment = str(EXAMPLES.parent / "experiments" / "abandoned-cart-ab.yaml")
+    assert nudge("campaigns", "apply", onboarding, experiment)[0] == 0
+    for user in ("ada", "pat"):
+        traits = json.dumps({"email": f"{user}@example.test", "first_name": user.title()})
+        assert nudge("identify", "--user", user, "--traits", traits)[0] == 0
+    assert nudge("track", "--user", "pat", "--event", "feature_x_used")[0] == 0
+    _eventually(lambda: nudge("user", "ada", "--json")[0] == 0)
+    _eventually(lambda: '"feature_x_used"' in nudge("user", "pat", "--json")[1])
+
+    code, out, _ = nudge("preview", "onboarding-day-1", "--user", "ada")
+    assert code == 0
+    assert "# branch 0 of 2 (chosen by the `when` conditions)" in out
+    assert "subject: Have you tried Feature X?" in out
+    code, out, _ = nudge("preview", "onboarding-day-1", "--user", "pat")
+    assert "# branch 1 of 2 (chosen by the `when` conditions)" in out
+    assert "you have used Feature X 1 times already" in out
+    code, out, _ = nudge("preview", "onboarding-day-1", "--user", "pat", "--branch", "0")
+    assert "# branch 0 of 2 (chosen with --branch)" in out
+
+    props = json.dumps({"cart_id": "C-9"})
+    code, out, _ = nudge("preview", "abandoned-cart-ab", "--user", "ada", "--props", props)
+    assert code == 0
+    assert "subject: You left something in your cart" in out
+    assert "https://unsubscribe.invalid/preview" in out  # {{ unsubscribe_url }}: a placeholder
+    args = ("preview", "abandoned-cart-ab", "--user", "ada", "--props", props)
+    code, out, _ = nudge(*args, "--variant", "wait-24h")
+    assert code == 0
+    assert "# variant wait-24h" in out
+    assert "subject: Still thinking about it?" in out
+    code, _, err = nudge(*args, "--variant", "wait-1w")
+    assert code == 2
+    assert "--variant: the campaign's variants are ['wait-1h', 'wait-24h']" in err

@@ -206,6 +206,7 @@ def preview_context(
     user_id: str,
     event_name: str | None,
     properties: dict[str, Any],
+    variant: str | None = None,
 ) -> dict[str, Any]:
     """The render context of a send of `definition` to `user` triggered by a sample event."""
     now = datetime.now(UTC).isoformat()
@@ -223,8 +224,61 @@ def preview_context(
         "id": definition.get("id", ""),
         "name": definition.get("name", ""),
         "version": version,
+        "variant": variant or "",
     }
     return {"user": user, "event": event, "trigger": event, "campaign": campaign}
+
+
+def variant_messages(definition: dict[str, Any], variant: str | None) -> list[dict[str, Any]]:
+    """The message of each branch, with `variant`'s overrides (the campaign's own without)."""
+    from services.rules.cel import compile_campaign
+    from services.rules.domain import CampaignError, parse_campaign
+
+    try:
+        compiled = compile_campaign(parse_campaign(definition))
+    except CampaignError as error:
+        raise CliError(f"the stored campaign does not parse: {error}") from None
+    experiment = compiled.definition.experiment
+    if variant is not None and (experiment is None or experiment.variant(variant) is None):
+        names = [] if experiment is None else [v.name for v in experiment.variants]
+        raise CliError(f"--variant: the campaign's variants are {names}", EXIT_USAGE)
+    return [branch.message.to_dict() for branch in compiled.messages_for(variant)]
+
+
+def choose_branch(definition: dict[str, Any], context: dict[str, Any]) -> int | None:
+    """The branch a send would use: the first whose `when` holds for the user and the sample
+    event (rules evaluates the same conditions when the send is due); None when none does."""
+    from services.rules.cel import (
+        CelEvaluationError,
+        activation,
+        compile_campaign,
+        json_numbers_as_double,
+    )
+    from services.rules.domain import parse_campaign, zero_event_view
+
+    compiled = compile_campaign(parse_campaign(definition))
+    event = {
+        **context["event"],
+        "properties": json_numbers_as_double(context["event"]["properties"]),
+    }
+    events = dict(context["user"].get("events") or {})
+    for name in compiled.referenced_event_names or ():
+        events.setdefault(name, zero_event_view(compiled.sum_properties))
+    user = {
+        **context["user"],
+        "traits": json_numbers_as_double(context["user"].get("traits") or {}),
+        "events": events,
+    }
+    variables = activation({"user": user, "event": event, "trigger": event})
+    for index, condition in enumerate(compiled.branch_conditions):
+        if condition is None:
+            return index
+        try:
+            if condition.evaluate_bool(variables):
+                return index
+        except CelEvaluationError as error:
+            raise CliError(f"messages[{index}].when failed: {error.message}") from None
+    return None
 
 
 def run_preview(args: argparse.Namespace) -> int:
@@ -241,18 +295,26 @@ def run_preview(args: argparse.Namespace) -> int:
             rules.call(stub.GetUser, rules_pb2.GetUserRequest(user_id=args.user)).state
         )
     definition = struct_to_dict(campaign.definition)
-    branches = definition.get("messages") or []
-    if not 0 <= args.branch < len(branches):
-        raise CliError(f"--branch: campaign {args.campaign} has {len(branches)} message branches")
-    message = branches[args.branch]["message"]
+    context = preview_context(
+        definition, campaign.version, user, args.user, args.event, properties, args.variant
+    )
+    branches = variant_messages(definition, args.variant)
+    if args.branch is None:
+        branch, how = choose_branch(definition, context), "chosen by the `when` conditions"
+        if branch is None:
+            print("no message branch's `when` holds for this user and event: nothing is sent")
+            return EXIT_FAILED
+    else:
+        branch, how = args.branch, "chosen with --branch"
+        if not 0 <= branch < len(branches):
+            raise CliError(f"--branch: campaign {args.campaign} has {len(branches)} branches")
+    message = branches[branch]
     request = dispatch_pb2.PreviewMessageRequest(
         user_id=args.user,
         channel=message["channel"],
         kind=str(definition.get("kind", "marketing")),
         template=message_template(message),
-        context=dict_to_struct(
-            preview_context(definition, campaign.version, user, args.user, args.event, properties)
-        ),
+        context=dict_to_struct(context),
     )
     # --addr names the rules service; dispatch comes from the environment.
     dispatch = Client(service_address(cli_env(), "dispatch", None), rules.api_key, rules.timeout)
@@ -263,7 +325,9 @@ def run_preview(args: argparse.Namespace) -> int:
         print(json.dumps(MessageToDict(response), indent=2, ensure_ascii=False))
         return EXIT_FAILED if response.error else EXIT_OK
     if len(branches) > 1:
-        print(f"# branch {args.branch} of {len(branches)} (`when` conditions not evaluated)")
+        print(f"# branch {branch} of {len(branches)} ({how})")
+    if args.variant:
+        print(f"# variant {args.variant}")
     print(f"channel: {message['channel']}")
     for key in sorted(response.fields):
         print(f"{key}: {response.fields[key]}")
@@ -361,16 +425,25 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "preview",
         help="render a campaign's message for a user without sending it",
         description="Fetch the campaign (RulesService.GetCampaign) and the user's state "
-        "(RulesService.GetUser), render the message like a send would (DispatchService."
-        "PreviewMessage) with a sample trigger event, and print the fields and what the "
-        "delivery policy would do now. Exits 1 if the message does not render. Uses "
+        "(RulesService.GetUser), pick the message branch whose `when` holds (as at send "
+        "time; --branch overrides), apply an experiment --variant's overrides, render the "
+        "message like a send would (DispatchService.PreviewMessage) with a sample trigger "
+        "event, and print the fields and what the delivery policy would do now. Exits 1 if "
+        "the message does not render or no branch matches. Uses "
         "NUDGE_RULES_ADDR and NUDGE_DISPATCH_ADDR; --addr is the rules address.",
     )
     preview.add_argument("campaign", metavar="CAMPAIGN", help="campaign id")
     preview.add_argument("--user", required=True, help="user id")
     preview.add_argument("--event", help="trigger event name (default: the campaign's trigger)")
     preview.add_argument("--props", help="trigger event properties as a JSON object")
-    preview.add_argument("--branch", type=int, default=0, help="message branch index (default: 0)")
+    preview.add_argument(
+        "--branch",
+        type=int,
+        help="message branch index (default: the first whose `when` holds, as at send time)",
+    )
+    preview.add_argument(
+        "--variant", help="an experiment variant: its message overrides (default: none)"
+    )
     preview.add_argument("--json", action="store_true", help="print the response as JSON")
     _add_client_options(preview, "rules")
     preview.set_defaults(func=run_preview)
