@@ -43,7 +43,6 @@ import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -740,30 +739,13 @@ def wait_mails(smtp: SmtpSink, count: int) -> list[ReceivedMail]:
     return mails
 
 
-class _Links(HTMLParser):
-    """The links of a received email: `<a href>` and `<img src>` (the open pixel)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.links: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        for name, value in attrs:
-            if value and (tag, name) in {("a", "href"), ("img", "src")}:
-                self.links.append(value)
-
-
 def open_and_click(mail: ReceivedMail) -> None:
     """What a reader's mail client does: load the images (the open pixel) and follow the link
     (dispatch's click redirect, answered with a 302 to the shop)."""
-    part = mail.message.get_body(preferencelist=("html",))
-    if part is None:
-        raise DemoFailed(f"no HTML part in {mail.subject!r}")
-    parser = _Links()
-    parser.feed(str(part.get_content()))
-    tracked = [link for link in parser.links if "/o/" in link or "/c/" in link]
+    found = mail.links()
+    tracked = [link for link in (*found.images, *found.hrefs) if "/o/" in link or "/c/" in link]
     if len(tracked) != 2:
-        raise DemoFailed(f"expected a tracked link and an open pixel, found {parser.links}")
+        raise DemoFailed(f"expected a tracked link and an open pixel, found {found}")
     for link in tracked:
         url = urllib.parse.urlsplit(link)
         connection = http.client.HTTPConnection(url.netloc, timeout=10)

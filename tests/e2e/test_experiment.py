@@ -24,7 +24,6 @@ import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from html.parser import HTMLParser
 from typing import Any
 
 import asyncpg
@@ -79,28 +78,11 @@ def cart(user_id: str) -> str:
     return f"cart-{user_id}"
 
 
-class _Links(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hrefs: list[str] = []
-        self.images: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = dict(attrs)
-        if tag == "a" and values.get("href"):
-            self.hrefs.append(str(values["href"]))
-        if tag == "img" and values.get("src"):
-            self.images.append(str(values["src"]))
-
-
 def tracking_links(mail: ReceivedMail) -> tuple[str, str]:
     """The open pixel and the (rewritten) cart link of a received reminder."""
-    part = mail.message.get_body(preferencelist=("html",))
-    assert part is not None
-    parser = _Links()
-    parser.feed(str(part.get_content()))
-    [pixel] = [src for src in parser.images if "/o/" in src]
-    [link] = parser.hrefs
+    found = mail.links()
+    [pixel] = [src for src in found.images if "/o/" in src]
+    [link] = found.hrefs
     assert "/c/" in link, link
     return pixel, link
 

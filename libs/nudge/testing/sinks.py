@@ -14,12 +14,43 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
 from aiosmtpd.controller import Controller
 
 from nudge.dev.stack import free_port
+
+
+@dataclass(frozen=True)
+class HtmlLinks:
+    """The `<a href>` and `<img src>` values of an HTML body, in document order."""
+
+    hrefs: tuple[str, ...]
+    images: tuple[str, ...]
+
+
+class _LinkParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+        self.images: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "a" and values.get("href"):
+            self.hrefs.append(str(values["href"]))
+        if tag == "img" and values.get("src"):
+            self.images.append(str(values["src"]))
+
+
+def html_links(html: str) -> HtmlLinks:
+    """The links and image sources of an HTML document (what a mail client would fetch)."""
+    parser = _LinkParser()
+    parser.feed(html)
+    parser.close()
+    return HtmlLinks(tuple(parser.hrefs), tuple(parser.images))
 
 
 @dataclass(frozen=True)
@@ -41,6 +72,16 @@ class ReceivedMail:
         """The text/plain body."""
         part = self.message.get_body(preferencelist=("plain",))
         return "" if part is None else str(part.get_content()).strip()
+
+    @property
+    def html(self) -> str:
+        """The text/html body ("" when there is none)."""
+        part = self.message.get_body(preferencelist=("html",))
+        return "" if part is None else str(part.get_content())
+
+    def links(self) -> HtmlLinks:
+        """The links and images of the HTML body (tracked links, the open pixel)."""
+        return html_links(self.html)
 
 
 class _Recorder:

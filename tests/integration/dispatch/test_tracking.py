@@ -9,12 +9,12 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
-from html.parser import HTMLParser
 from typing import Any
 
 import httpx
 import pytest
 
+from nudge.testing.sinks import html_links
 from services.dispatch import store
 from services.dispatch.application import (
     PREVIEW_UNSUBSCRIBE_URL,
@@ -81,33 +81,10 @@ async def tracked(rig: Rig) -> AsyncIterator[Tracked]:
     await server.wait_closed()
 
 
-class _Links(HTMLParser):
-    """The hrefs of anchors and the srcs of images, in document order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hrefs: list[str] = []
-        self.images: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = dict(attrs)
-        if tag == "a" and values.get("href"):
-            self.hrefs.append(str(values["href"]))
-        if tag == "img" and values.get("src"):
-            self.images.append(str(values["src"]))
-
-
 def received_html(rig: Rig, index: int = -1) -> str:
-    part = rig.smtp.messages[index].message.get_body(preferencelist=("html",))
-    assert part is not None
-    return str(part.get_content())
-
-
-def links_in(html: str) -> _Links:
-    parser = _Links()
-    parser.feed(html)
-    parser.close()
-    return parser
+    html = rig.smtp.messages[index].html
+    assert html
+    return html
 
 
 async def stored_links(rig: Rig, send_id: str) -> Any:
@@ -122,7 +99,7 @@ async def test_opens_and_clicks_of_a_marketing_email_are_recorded_once(
     await tracked.dispatcher.accept(request)
 
     assert (await rig.send(request.send_id))["state"] == "sent"
-    found = links_in(received_html(rig))
+    found = html_links(received_html(rig))
     shop, mailto, faq = found.hrefs
     assert shop.startswith(f"{tracked.base}/c/")
     assert faq.startswith(f"{tracked.base}/c/")
@@ -171,7 +148,7 @@ async def test_opens_and_clicks_of_a_marketing_email_are_recorded_once(
 async def test_a_token_we_cannot_vouch_for_never_redirects(rig: Rig, tracked: Tracked) -> None:
     request = rig.request(template=email())
     await tracked.dispatcher.accept(request)
-    found = links_in(received_html(rig))
+    found = html_links(received_html(rig))
     shop, pixel = found.hrefs[0], found.images[0]
     token = shop.rsplit("/", 1)[1]
     tampered = token[:10] + ("A" if token[10] != "A" else "B") + token[11:]
@@ -304,7 +281,7 @@ async def test_the_unsubscribe_link_is_a_template_variable_and_never_tracked(
     first, second = rig.smtp.messages
     header = str(first.message["List-Unsubscribe"])[1:-1]
     assert first.text == f"Your cart is waiting. Unsubscribe: {header}"
-    shop, _, faq, unsubscribe = links_in(received_html(rig, 0)).hrefs
+    shop, _, faq, unsubscribe = html_links(received_html(rig, 0)).hrefs
     assert unsubscribe == header  # as written: straight to the unsubscribe page
     assert shop.startswith(f"{tracked.base}/c/")
     assert faq.startswith(f"{tracked.base}/c/")
