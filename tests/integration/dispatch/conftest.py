@@ -6,6 +6,8 @@ advance` does, and drive the sweeper by hand instead of waiting.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -13,10 +15,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
+import nats
 import pytest
+from nats.js import JetStreamContext
 
 from nudge import db
 from nudge.auth import ensure_workspace
+from nudge.bus import BusNames, ensure_streams, trace_headers
 from nudge.clock import DbClock
 from nudge.dispatch.v1 import dispatch_pb2
 from nudge.ids import deterministic_id
@@ -26,6 +31,7 @@ from services.dispatch.application import Dispatcher
 from services.dispatch.channels.base import Channel
 from services.dispatch.channels.email import SmtpChannel
 from services.dispatch.channels.webhook import WebhookChannel
+from services.dispatch.consumers import consume_send_requests
 from services.dispatch.unsubscribe import UnsubscribeLinks
 
 WORKSPACE = "acme"
@@ -245,3 +251,40 @@ async def rig(database_url: str, smtp: SmtpSink, http: HttpSink) -> AsyncIterato
         for extra_pool in rig.pools:
             await extra_pool.close()
         await pool.close()
+
+
+async def publish(js: JetStreamContext, names: BusNames, request: dispatch_pb2.SendRequest) -> None:
+    """Publish a send request as the rules outbox does."""
+    await js.publish(
+        names.dispatch_subject(request.workspace_id, request.channel),
+        request.SerializeToString(),
+        headers=trace_headers(request.send_id),
+    )
+
+
+@contextlib.asynccontextmanager
+async def jetstream(nats_url: str, names: BusNames) -> AsyncIterator[JetStreamContext]:
+    """A JetStream context on the test's nats-server, with the streams of `names` created."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, names)
+        yield js
+    finally:
+        await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def consuming(
+    js: JetStreamContext, names: BusNames, dispatcher: Dispatcher, *, ack_wait_s: float = 60.0
+) -> AsyncIterator[None]:
+    """Run dispatch's send-request consumer while the block runs."""
+    consumer = asyncio.create_task(
+        consume_send_requests(js, names, dispatcher, ack_wait_s=ack_wait_s)
+    )
+    try:
+        yield
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer

@@ -6,20 +6,16 @@ once instead of being retried."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import cast
 
-import nats
 import pytest
 
 from nudge import bus
-from nudge.bus import BusNames, ensure_streams
+from nudge.bus import BusNames
 from nudge.dispatch.v1.dispatch_pb2 import SendRequest
 from services.dispatch.application import Dispatcher
-from services.dispatch.consumers import consume_send_requests
-from tests.integration.dispatch.conftest import Rig
-from tests.integration.dispatch.test_unsubscribe_and_bulkheads import publish
+from tests.integration.dispatch.conftest import Rig, consuming, jetstream, publish
 
 FAILURES = 12  # more deliveries than the former MaxDeliver of 8
 
@@ -53,26 +49,16 @@ async def test_a_send_request_outlives_an_outage_of_many_deliveries(
     monkeypatch.setattr(bus, "REDELIVERY_BACKOFF_S", (0.02, 0.05))
     flaky = FlakyDispatcher(rig.dispatcher, FAILURES)
     names = BusNames(f"t{test_id}")
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    await ensure_streams(js, names)
-    # The consumer as an older version created it, with a bounded MaxDeliver: updated on start.
-    older = bus.work_queue_consumer("dispatch", f"{names.prefix}.dispatch.>", 5)
-    older.max_deliver = 8
-    await js.add_consumer(names.dispatch_stream, older)
-    consumer = asyncio.create_task(
-        consume_send_requests(js, names, cast(Dispatcher, flaky), ack_wait_s=5)
-    )
-    try:
-        request = rig.request(user="ann")
-        with caplog.at_level(logging.ERROR, logger="nudge.bus"):
-            await publish(js, names, request)
-            arrived = await asyncio.to_thread(rig.smtp.wait_for, 1, 10.0)
-    finally:
-        consumer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer
-        await nc.close()
+    request = rig.request(user="ann")
+    async with jetstream(nats_url, names) as js:
+        # The consumer as an older version created it, with a bounded MaxDeliver: updated.
+        older = bus.work_queue_consumer("dispatch", f"{names.prefix}.dispatch.>", 5)
+        older.max_deliver = 8
+        await js.add_consumer(names.dispatch_stream, older)
+        async with consuming(js, names, cast(Dispatcher, flaky), ack_wait_s=5):
+            with caplog.at_level(logging.ERROR, logger="nudge.bus"):
+                await publish(js, names, request)
+                arrived = await asyncio.to_thread(rig.smtp.wait_for, 1, 10.0)
 
     assert len(arrived) == 1
     assert flaky.attempts == FAILURES + 1
@@ -89,20 +75,14 @@ async def test_a_poison_request_is_terminated_not_retried(
 ) -> None:
     flaky = FlakyDispatcher(rig.dispatcher, 0)
     names = BusNames(f"t{test_id}")
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    await ensure_streams(js, names)
-    consumer = asyncio.create_task(consume_send_requests(js, names, cast(Dispatcher, flaky)))
-    try:
+    async with (
+        jetstream(nats_url, names) as js,
+        consuming(js, names, cast(Dispatcher, flaky)),
+    ):
         await js.publish(names.dispatch_subject("acme", "email"), b"\xff not a SendRequest")
         await publish(js, names, rig.request(user="bob"))  # the next one is not blocked
         arrived = await asyncio.to_thread(rig.smtp.wait_for, 1, 10.0)
         info = await js.consumer_info(names.dispatch_stream, "dispatch")
-    finally:
-        consumer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer
-        await nc.close()
 
     assert len(arrived) == 1
     assert flaky.attempts == 1  # only the valid request reached the dispatcher

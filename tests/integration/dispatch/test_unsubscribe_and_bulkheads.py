@@ -4,32 +4,26 @@ queue consumer nor other channels."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
-import nats
 import pytest
-from nats.js import JetStreamContext
 
-from nudge.bus import BusNames, ensure_streams, trace_headers
-from nudge.dispatch.v1.dispatch_pb2 import SendRequest
+from nudge.bus import BusNames
 from nudge.testing.sinks import ReceivedRequest
 from services.dispatch.application import Unsubscriber
-from services.dispatch.consumers import consume_send_requests
 from services.dispatch.http_api import PublicApp, start_http_server
 from services.dispatch.unsubscribe import UnsubscribeRequest
-from tests.integration.dispatch.conftest import UNSUBSCRIBE_URL, Rig, make_dispatcher
-
-
-async def publish(js: JetStreamContext, names: BusNames, request: SendRequest) -> None:
-    await js.publish(
-        names.dispatch_subject(request.workspace_id, request.channel),
-        request.SerializeToString(),
-        headers=trace_headers(request.send_id),
-    )
+from tests.integration.dispatch.conftest import (
+    UNSUBSCRIBE_URL,
+    Rig,
+    consuming,
+    jetstream,
+    make_dispatcher,
+    publish,
+)
 
 
 @pytest.fixture
@@ -101,11 +95,7 @@ async def test_a_hanging_provider_stalls_neither_the_consumer_nor_other_channels
     )
     rig.extra.append(dispatcher)
     names = BusNames(f"t{test_id}")
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    await ensure_streams(js, names)
-    consumer = asyncio.create_task(consume_send_requests(js, names, dispatcher))
-    try:
+    async with jetstream(nats_url, names) as js, consuming(js, names, dispatcher):
         hooks = [rig.request(user=f"h{i}", channel="webhook") for i in range(12)]
         for request in hooks:
             await publish(js, names, request)
@@ -114,11 +104,6 @@ async def test_a_hanging_provider_stalls_neither_the_consumer_nor_other_channels
         await publish(js, names, rig.request(user="m"))
         arrived = await asyncio.to_thread(rig.smtp.wait_for, 1, 5.0)
         elapsed = time.monotonic() - started
-    finally:
-        consumer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer
-        await nc.close()
 
     assert len(arrived) == 1
     assert elapsed < 2.5  # the mail did not wait for the 3 s webhook provider
