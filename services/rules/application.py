@@ -188,6 +188,11 @@ class CampaignCache:
         """Ids of campaigns with an exception rule (in any version) naming this event."""
         return self._exceptions.get((workspace_id, event_name), frozenset())
 
+    @property
+    def has_conversions(self) -> bool:
+        """Whether any campaign version has a conversion goal (else no event converts)."""
+        return bool(self._conversions)
+
     def converted_by(self, workspace_id: str, event_name: str) -> frozenset[str]:
         """Ids of campaigns whose conversion goal (in any version) is this event."""
         return self._conversions.get((workspace_id, event_name), frozenset())
@@ -648,9 +653,10 @@ class Projector:
                 ):
                     self._cancel(event, state, cancelling, members, effects)
                     self._evaluate(event, before, state, campaigns, members, effects)
-            converting = self._cache.converted_by(event.workspace_id, event.name)
-            if converting:
-                self._convert(event, state, converting, effects)
+            if effects.entered:
+                converting = self._cache.converted_by(event.workspace_id, event.name)
+                if converting:
+                    self._convert(event, state, converting, effects)
         await store.save_states(
             conn,
             [(w, u, state_to_dict(states[(w, u)]), positions[(w, u)]) for w, u in positions],
@@ -665,6 +671,8 @@ class Projector:
         keys: set[tuple[str, str]] = set()
         campaign_ids: set[str] = set()
         since: datetime | None = None
+        if not self._cache.has_conversions:
+            return {}
         for event in events:
             converting = self._cache.converted_by(event.workspace_id, event.name)
             if not converting:
