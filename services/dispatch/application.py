@@ -25,7 +25,7 @@ from typing import Any
 
 import asyncpg
 
-from nudge import metrics
+from nudge import metrics, telemetry
 from nudge.clock import DbClock
 from nudge.dispatch.v1 import dispatch_pb2
 from nudge.protoconv import struct_to_dict
@@ -219,12 +219,26 @@ class Dispatcher:
             priority=request.priority,
             decided_at=None if decided_at is None else decided_at.replace(tzinfo=UTC),
             pickup_grace=self._pickup_grace,
+            traceparent=telemetry.current_traceparent() or "",
         )
 
-    def submit(self, send_id: str, channel: str) -> bool:
+    def submit(self, send_id: str, channel: str, traceparent: str = "") -> bool:
         """Attempt the send in the background unless its channel is saturated (then the
-        sweeper picks it up once its pickup deadline passes)."""
-        return self.lanes.admit(channel, send_id, lambda: self.attempt(send_id))
+        sweeper picks it up once its pickup deadline passes). `traceparent`: the trace the
+        request arrived in, continued by an attempt started outside it (the sweeper's)."""
+        if not traceparent:
+            return self.lanes.admit(channel, send_id, lambda: self.attempt(send_id))
+        return self.lanes.admit(
+            channel, send_id, lambda: self._attempt_in_trace(send_id, channel, traceparent)
+        )
+
+    async def _attempt_in_trace(self, send_id: str, channel: str, traceparent: str) -> None:
+        with telemetry.continued_span(
+            "attempt send",
+            traceparent,
+            attributes={"nudge.send_id": send_id, "nudge.channel": channel},
+        ):
+            await self.attempt(send_id)
 
     async def accept(self, request: dispatch_pb2.SendRequest) -> None:
         """Record a send request and attempt it now (waits for the outcome)."""
@@ -461,7 +475,9 @@ class Dispatcher:
         """Start attempts of due sends (never waits for them); return how many started."""
         await self.settle_stale_attempts(limit)
         due = await store.due_sends(self._pool, limit, self.lanes.saturated())
-        return sum(1 for send_id, channel in due if self.submit(send_id, channel))
+        return sum(
+            1 for send_id, channel, traceparent in due if self.submit(send_id, channel, traceparent)
+        )
 
     async def run_sweeper(self, interval_s: float = 0.5) -> None:
         """Sweep forever."""

@@ -93,6 +93,7 @@ async def insert_planned(
     priority: int = 0,
     decided_at: datetime | None = None,
     pickup_grace: timedelta = timedelta(seconds=5),
+    traceparent: str = "",
 ) -> bool:
     """Record a send as planned; False when it was already known (a redelivery).
 
@@ -101,9 +102,10 @@ async def insert_planned(
     """
     status = await conn.execute(
         """INSERT INTO sends (send_id, workspace_id, user_id, campaign_id, campaign_version,
-                              channel, state, request, kind, priority, decided_at, lease_until)
+                              channel, state, request, kind, priority, decided_at, lease_until,
+                              traceparent)
            VALUES ($1::uuid, $2, $3, $4, $5, $6, 'planned', $7, $8, $9,
-                   COALESCE($10, nudge_now()), nudge_now() + $11::interval)
+                   COALESCE($10, nudge_now()), nudge_now() + $11::interval, $12)
            ON CONFLICT (send_id) DO NOTHING""",
         send_id,
         workspace_id,
@@ -116,23 +118,24 @@ async def insert_planned(
         priority,
         decided_at,
         pickup_grace,
+        traceparent,
     )
     return bool(status.endswith(" 1"))
 
 
 async def due_sends(
     conn: Queryable, limit: int, skip_channels: Sequence[str] = ()
-) -> list[tuple[str, str]]:
-    """(send_id, channel) of sends to claim now: held or retrying sends that are due, planned
-    sends past their pickup deadline and claims whose worker died; oldest first."""
+) -> list[tuple[str, str, str]]:
+    """(send_id, channel, traceparent) of sends to claim now: held or retrying sends that are
+    due, planned sends past their pickup deadline and claims whose worker died; oldest first."""
     rows = await conn.fetch(
         """WITH now AS MATERIALIZED (SELECT nudge_now() AS t)
-           (SELECT send_id::text, channel, next_at AS due FROM sends
+           (SELECT send_id::text, channel, traceparent, next_at AS due FROM sends
              WHERE state IN ('planned', 'retry_wait') AND next_at <= (SELECT t FROM now)
                AND channel <> ALL($2::text[])
              ORDER BY next_at LIMIT $1)
            UNION ALL
-           (SELECT send_id::text, channel, lease_until AS due FROM sends
+           (SELECT send_id::text, channel, traceparent, lease_until AS due FROM sends
              WHERE state IN ('planned', 'claimed') AND lease_until < (SELECT t FROM now)
                AND next_at IS NULL AND channel <> ALL($2::text[])
              ORDER BY lease_until LIMIT $1)
@@ -140,7 +143,7 @@ async def due_sends(
         limit,
         list(skip_channels),
     )
-    return [(r["send_id"], r["channel"]) for r in rows]
+    return [(r["send_id"], r["channel"], r["traceparent"]) for r in rows]
 
 
 async def stale_attempts(conn: Queryable, limit: int) -> list[SendRow]:

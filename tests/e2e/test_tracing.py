@@ -10,9 +10,11 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 import yaml
@@ -23,7 +25,7 @@ from nudge.rules.v1 import rules_pb2, rules_pb2_grpc
 from nudge.testing.fixtures import run_async
 from nudge.testing.otlp import OtlpReceiver, ReceivedSpan, describe
 from nudge.testing.services import ServiceProcesses
-from nudge.testing.sinks import SmtpSink
+from nudge.testing.sinks import SmtpFault, SmtpSink
 from tests.e2e.conftest import _make_key
 
 pytestmark = pytest.mark.e2e
@@ -263,3 +265,46 @@ def test_one_trace_from_track_to_smtp_and_a_delayed_send_links_back(
         text = repr(span.attributes) + span.name
         for secret in (EMAIL, FIRST_NAME, "Monday", "on its way"):
             assert secret not in text, (span.service, span.name)
+
+
+def test_a_retried_send_continues_the_trace_of_its_request(
+    traced: TracedStack, database_url: str
+) -> None:
+    receiver = traced.receiver
+    run_async(_apply(traced, yaml.safe_load((EXAMPLES / "order-shipped.yaml").read_text())))
+    run_async(_identify(traced))
+    traced.smtp.faults.append(SmtpFault("mail", "421 4.3.2 Try again later"))
+    traceparent, trace_id, _ = _traceparent()
+    shipped = ingest_pb2.Event(
+        event_id="order-2",
+        user_id="grace",
+        name="order_shipped",
+        properties=dict_to_struct({"order_id": "A-2", "total": 42, "eta": "Friday"}),
+    )
+    run_async(_track(traced, traceparent, shipped))
+
+    def smtp_sends(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [
+            s
+            for s in spans
+            if s.trace_id == trace_id and s.kind == "CLIENT" and s.name == "smtp send"
+        ]
+
+    receiver.wait_for(lambda spans: len(smtp_sends(spans)) == 1, timeout_s=20)
+    run_async(_advance(database_url, timedelta(hours=1)))  # past the retry's due time
+    spans = receiver.wait_for(lambda spans: len(smtp_sends(spans)) == 2, timeout_s=30)
+    retry = _one(receiver, trace_id, "nudge-dispatch", "INTERNAL", "attempt send")
+    [failed] = [s for s in smtp_sends(spans) if s.parent_span_id != retry.span_id]
+    [delivered] = [s for s in smtp_sends(spans) if s.parent_span_id == retry.span_id]
+    assert failed.status_code == 2  # ERROR: the 421
+    assert delivered.status_code != 2  # the sweeper's retry, in the request's trace
+    assert len(traced.smtp.wait_for(1, 10)) == 1
+
+
+async def _advance(database_url: str, step: timedelta) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE dev_clock SET skew = skew + $1::interval", step)
+        await conn.execute("NOTIFY nudge_clock")
+    finally:
+        await conn.close()
