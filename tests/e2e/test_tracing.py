@@ -160,13 +160,13 @@ def test_one_trace_from_track_to_smtp_and_a_delayed_send_links_back(
         return _has("nudge-dispatch", "CLIENT", "smtp send")(mine)
 
     receiver.wait_for(immediate_chain_complete, timeout_s=30)
-    spans = receiver.trace(trace_id)
     track = _one(
         receiver, trace_id, "nudge-ingest", "SERVER", "/nudge.ingest.v1.IngestService/Track"
     )
     assert track.parent_span_id == client_span_id
     append = _one(receiver, trace_id, "nudge-ingest", "INTERNAL", "append events")
     assert append.parent_span_id == track.span_id
+    spans = receiver.trace(trace_id)  # after `_one` waited for ingest's export
     assert any(
         s.service == "nudge-ingest" and s.kind == "CLIENT" and s.parent_span_id == append.span_id
         for s in spans
@@ -184,7 +184,10 @@ def test_one_trace_from_track_to_smtp_and_a_delayed_send_links_back(
     assert consume.attributes["messaging.consumer.group.name"] == "dispatch"
     smtp = _one(receiver, trace_id, "nudge-dispatch", "CLIENT", "smtp send")
     assert smtp.trace_id == trace_id
-    assert {s.service for s in spans} >= {"nudge-ingest", "nudge-rules", "nudge-dispatch"}
+    # Every span of the trace so far (`spans` was taken when the SMTP span arrived; each
+    # service exports in its own batches, and the `_one` calls above waited for the others).
+    services = {s.service for s in receiver.trace(trace_id)}
+    assert services >= {"nudge-ingest", "nudge-rules", "nudge-dispatch"}
 
     # The relay's publish and the rules projection batch link to the Track call's span, and
     # the rules wake-up consumer links to the relay's publish. (Rules reads the store, not
