@@ -383,8 +383,22 @@ class _Effects:
             await eventstore.append(conn, self.events)
 
 
+def entry_time(campaign: CompiledCampaign, due_at: datetime, group: str | None) -> datetime:
+    """When an instance's trigger condition is met: its due time less its group's delay.
+
+    An action or threshold trigger is met when it fires; an after_first trigger `offset` after
+    the first event; an inactivity trigger `for` after the last activity (moved by each re-arm).
+    The stats' intention-to-treat window starts here, the same moment for every group: from the
+    arming event instead, the activity that re-arms a win-back would count as its conversion.
+    """
+    return due_at - campaign.delay_for(group)
+
+
 def assigned_event(
-    campaign: CompiledCampaign, instance: store.Instance, global_control: GlobalControl | None
+    campaign: CompiledCampaign,
+    instance: store.Instance,
+    global_control: GlobalControl | None,
+    assigned_at: datetime,
 ) -> eventstore.NewEvent:
     """The `$experiment.assigned` event of an entry: enough to recompute the assignment (the
     salt, and the global control that applied) and check it on replay."""
@@ -406,7 +420,7 @@ def assigned_event(
         event_id=f"assigned:{instance.instance_id}",
         user_id=instance.user_id,
         name=ASSIGNED_EVENT,
-        occurred_at=instance.entered_at,
+        occurred_at=assigned_at,
         properties=properties,
         context={},
         metadata={},
@@ -849,7 +863,7 @@ class Projector:
             experiment_group=group,
             experiment_bucket=float(decision.detail["bucket"]),
             experiment_salt=str(decision.detail["salt"]),
-            entered_at=decision.decided_at,
+            entered_at=entry_time(campaign, decision.due_at, group),
         )
         if campaign.definition.conversion is not None:
             effects.entered.setdefault((event.workspace_id, event.user_id), []).append(instance)
@@ -857,7 +871,9 @@ class Projector:
         if campaign.definition.kind != "marketing":
             global_control = None
         if campaign.definition.experiment is not None or group == GLOBAL_CONTROL:
-            effects.events.append(assigned_event(campaign, instance, global_control))
+            effects.events.append(
+                assigned_event(campaign, instance, global_control, decision.decided_at)
+            )
         if decision.delayed_until is None:
             self._send_now(campaign, event, state, member, instance, effects)
             return
@@ -877,14 +893,24 @@ class Projector:
         assert decision.instance_id is not None
         assert decision.due_at is not None
         instance, _ = member.pending[decision.correlation]
+        version = self._cache.compiled(event.workspace_id, instance.campaign_id, instance.version)
         moved = replace(
             instance,
             due_at=decision.due_at,
             trigger_event_id=event.event_id,
             trigger_event=_event_document(event),
+            entered_at=(
+                instance.entered_at
+                if version is None
+                else entry_time(version, decision.due_at, instance.experiment_group)
+            ),
         )
         effects.rearmed[moved.instance_id] = store.Rearm(
-            moved.instance_id, moved.due_at, moved.trigger_event_id, moved.trigger_event
+            moved.instance_id,
+            moved.due_at,
+            moved.trigger_event_id,
+            moved.trigger_event,
+            moved.entered_at,
         )
         effects.timers[moved.instance_id] = self._planner.arm(
             moved.instance_id, event.workspace_id, decision.due_at

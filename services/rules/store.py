@@ -404,17 +404,22 @@ class Rearm:
     due_at: datetime
     trigger_event_id: str
     trigger_event: dict[str, Any]
+    entered_at: datetime | None = None
 
 
 async def rearm_instances(conn: Conn, rearms: Sequence[Rearm]) -> None:
-    """Move pending instances to their new due time and trigger event."""
+    """Move pending instances to their new due time, trigger event and entry time."""
     if not rearms:
         return
     await conn.executemany(
         """UPDATE campaign_instances
-           SET due_at = $2, trigger_event_id = $3, trigger_event = $4, updated_at = nudge_now()
+           SET due_at = $2, trigger_event_id = $3, trigger_event = $4,
+               entered_at = COALESCE($5, entered_at), updated_at = nudge_now()
            WHERE instance_id = $1::uuid AND state = 'pending'""",
-        [(r.instance_id, r.due_at, r.trigger_event_id, r.trigger_event) for r in rearms],
+        [
+            (r.instance_id, r.due_at, r.trigger_event_id, r.trigger_event, r.entered_at)
+            for r in rearms
+        ],
     )
 
 

@@ -302,3 +302,39 @@ async def test_assignment_survives_new_versions_and_a_new_salt_resets_it(engine:
     assert {g.group: g.entered for g in report.groups} == dict(
         Counter(group for group, _, _ in third.values())
     )
+
+
+async def test_an_inactivity_entry_starts_when_the_user_became_inactive(engine: Engine) -> None:
+    """A win-back's conversion is the activity that also re-arms it: only activity after the
+    user qualified (`for` without a session) may count, or every re-armed user converts."""
+    campaign = example(
+        "win-back.yaml",
+        experiment={"control": 50},
+        conversion={"event": "session_start", "within": "3d"},
+    )
+    await engine.admin.apply(engine.workspace_id, campaign)
+    await engine.append(
+        engine.event("u1", "$identify", "id-1", email="u1@example.test"),
+        engine.event("u1", "session_start", "s1"),
+    )
+    await engine.project()
+    [armed] = await instances(engine.pool)
+    assert armed["entered_at"] == armed["due_at"]  # no delay: qualifies when it is due
+
+    await engine.advance_to(armed["due_at"] - timedelta(days=11))
+    await engine.append(engine.event("u1", "session_start", "s2"))  # re-arms; not a conversion
+    await engine.project()
+    [rearmed] = await instances(engine.pool)
+    assert rearmed["entered_at"] - armed["entered_at"] >= timedelta(days=3)
+    assert rearmed["entered_at"] == rearmed["due_at"]
+
+    await engine.advance_to(rearmed["due_at"] + MARGIN)
+    await engine.timers.handle(await engine.fire(rearmed["id"]))
+    await engine.advance_to(rearmed["due_at"] + timedelta(days=1))
+    await engine.append(engine.event("u1", "session_start", "s3"))  # back: converted
+    await engine.project()
+
+    conversions = await engine.pool.fetch(
+        "SELECT instance_id::text, event_id FROM campaign_conversions"
+    )
+    assert [(r["instance_id"], r["event_id"]) for r in conversions] == [(rearmed["id"], "s3")]
