@@ -35,7 +35,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ from typing import Any
 import grpc
 from standardwebhooks import Webhook
 
-from nudge.dev.stack import _die_with_parent
+from nudge.dev.stack import _die_with_parent, free_ports
 from nudge.dispatch.v1 import dispatch_pb2, dispatch_pb2_grpc
 from nudge.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from nudge.protoconv import dict_to_struct
@@ -363,20 +362,6 @@ def compact(data: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------------
 # processes
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1 (all held open while choosing)."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def base_env() -> dict[str, str]:

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from nudge.cli.health import check
+from nudge.dev.stack import free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -33,20 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("ingest", "rules", "scheduler", "dispatch")
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 20.0
-
-
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct free ports (all sockets held open while choosing)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _base_env() -> dict[str, str]:
@@ -136,7 +122,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_up_serves_tracks_and_stops_cleanly(state_root: Path) -> None:
-    *service_ports, nats_port = _free_ports(5)
+    *service_ports, nats_port = free_ports(5)
     addresses = {
         name: f"127.0.0.1:{port}" for name, port in zip(SERVICES, service_ports, strict=True)
     }
@@ -217,7 +203,7 @@ def test_up_serves_tracks_and_stops_cleanly(state_root: Path) -> None:
 
 
 def test_up_fails_fast_when_a_service_cannot_start(state_root: Path) -> None:
-    *service_ports, nats_port = _free_ports(5)
+    *service_ports, nats_port = free_ports(5)
     env = _base_env()
     for name, port in zip(SERVICES, service_ports, strict=True):
         env[f"NUDGE_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"

@@ -45,6 +45,7 @@ __all__ = [
     "PostgresHandle",
     "StackError",
     "free_port",
+    "free_ports",
     "start_nats",
     "start_postgres",
     "with_database",
@@ -80,6 +81,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Return `count` distinct TCP ports free on `host` right now (racy like `free_port`).
+
+    All sockets stay bound until every port is chosen, so no port repeats (calling `free_port`
+    `count` times may return the same port twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            for _ in range(count)
+        ]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def with_database(dsn: str, database: str) -> str:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +13,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nudge.dev.stack import free_ports
 
 SERVICES = ("ingest", "rules", "scheduler", "dispatch")
 ROOT = Path(__file__).resolve().parents[3]
@@ -30,15 +30,6 @@ def is_serving(address: str, timeout_s: float = 1.0) -> bool:
         except grpc.RpcError:
             return False
     return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
-
-
-def _distinct_free_ports(count: int) -> list[int]:
-    """`count` different free ports (each `free_port()` alone may repeat an earlier answer)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 @dataclass
@@ -66,7 +57,7 @@ class ServiceProcesses:
     ) -> ServiceProcesses:
         """Pick free ports and build the environment (nothing starts yet). `tracking`: open and
         click tracking on, its links pointing at dispatch's own public HTTP server."""
-        ports = iter(_distinct_free_ports(2 * len(SERVICES) + 1))
+        ports = iter(free_ports(2 * len(SERVICES) + 1))
         addresses = {name: f"127.0.0.1:{next(ports)}" for name in SERVICES}
         metrics_addresses = {name: f"127.0.0.1:{next(ports)}" for name in SERVICES}
         env = {
