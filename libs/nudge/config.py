@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from datetime import timedelta
 
 
 class ConfigError(Exception):
@@ -59,15 +58,3 @@ def env_address(name: str, default: str, env: Mapping[str, str] | None = None) -
         raise ConfigError(name, f"must be host:port, got {raw!r}")
     host = match["host"] or "127.0.0.1"
     return f"{host}:{match['port']}"
-
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(text: str) -> timedelta:
-    """Parse `500ms`, `30s`, `15m`, `1h` or `14d`."""
-    match = _DURATION.match(text.strip())
-    if not match:
-        raise ValueError(f"not a duration (use ms, s, m, h or d): {text!r}")
-    return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])

@@ -84,11 +84,6 @@ class ServiceProcesses:
             env=env, log_dir=log_dir, addresses=addresses, metrics_addresses=metrics_addresses
         )
 
-    @property
-    def dispatch_http_url(self) -> str:
-        """The base URL of dispatch's public HTTP server (unsubscribe, open and click)."""
-        return f"http://{self.env['NUDGE_DISPATCH_HTTP_ADDR']}"
-
     def start(self, name: str) -> None:
         """Start one service process (its output goes to <log_dir>/<name>.log)."""
         log = (self.log_dir / f"{name}.log").open("ab")
