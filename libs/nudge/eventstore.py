@@ -205,8 +205,9 @@ async def append(conn: Conn, events: Sequence[NewEvent]) -> set[tuple[str, str]]
     # Take the transaction id BEFORE stamping received_at: then every event received at or
     # before T belongs to a transaction whose xid was assigned before T, so a timer that fires
     # at T with snapshot s and waits for the projection to pass pg_snapshot_xmax(s) sees it
-    # (RELIABILITY.md P4), with no safety margin on the fire time.
-    await conn.execute("SELECT pg_current_xact_id()")
+    # (RELIABILITY.md P4), with no safety margin on the fire time. The NOTIFY is delivered at
+    # commit wherever it stands in the transaction, so it shares this round trip.
+    await conn.execute(f"SELECT pg_current_xact_id(); NOTIFY {NOTIFY_CHANNEL}")
     rows = await conn.fetch(
         _APPEND_SQL,
         [e.workspace_id for e in events],
@@ -219,7 +220,6 @@ async def append(conn: Conn, events: Sequence[NewEvent]) -> set[tuple[str, str]]
         [e.metadata for e in events],
         [e.body_hash() for e in events],
     )
-    await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
     return {(r["workspace_id"], r["event_id"]) for r in rows}
 
 

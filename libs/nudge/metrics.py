@@ -12,6 +12,7 @@ shows only what that service can move. `serve_metrics` starts the endpoint (a da
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -205,9 +206,10 @@ PROVIDER_SECONDS = Histogram(
 
 
 def count_ingested(outcomes: Iterable[str]) -> None:
-    """Count Track/Identify results (``accepted``, ``duplicate``, ``rejected``)."""
-    for outcome in outcomes:
-        INGEST_EVENTS.labels(outcome).inc()
+    """Count Track/Identify results (``accepted``, ``duplicate``, ``rejected``): one
+    increment per outcome, not per event."""
+    for outcome, count in collections.Counter(outcomes).items():
+        INGEST_EVENTS.labels(outcome).inc(count)
 
 
 def count_projection(events: int, decision_kinds: Iterable[str]) -> None:
