@@ -31,12 +31,13 @@ from nudge.cli.common import (
     cli_env,
     format_table,
     parse_json_object,
+    parse_time,
     service_address,
 )
 from nudge.cli.health import describe_rpc_error
 from nudge.dispatch.v1 import dispatch_pb2, dispatch_pb2_grpc
 from nudge.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from nudge.protoconv import dict_to_struct, struct_to_dict
+from nudge.protoconv import dict_to_struct, struct_to_dict, to_timestamp
 from nudge.rules.v1 import rules_pb2, rules_pb2_grpc
 
 Req = TypeVar("Req", bound=Message)
@@ -128,17 +129,7 @@ def _event_result_line(result: ingest_pb2.EventResult) -> tuple[str, bool]:
 
 
 def _timestamp(text: str | None, option: str) -> Timestamp | None:
-    if not text:
-        return None
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise CliError(f"{option}: not an ISO 8601 time: {text!r}", EXIT_USAGE) from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    return to_timestamp(parse_time(text, option)) if text else None
 
 
 def run_track(args: argparse.Namespace) -> int:

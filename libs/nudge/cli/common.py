@@ -17,7 +17,7 @@ import shlex
 import tempfile
 from collections import ChainMap
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -202,6 +202,22 @@ def parse_duration(text: str) -> timedelta:
     if seconds <= 0:
         raise ValueError(f"duration must be positive: {text!r}")
     return timedelta(seconds=seconds)
+
+
+def parse_time(text: str, option: str) -> datetime:
+    """Parse a time argument, as an aware UTC datetime: ``YYYY-MM-DD`` (midnight UTC) or an
+    ISO 8601 date-time (UTC when it has no offset). CliError (exit 2) otherwise."""
+    value = text.strip()
+    try:
+        if len(value) == 10:
+            return datetime.combine(date.fromisoformat(value), time(0), tzinfo=UTC)
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(
+            f"{option}: must be a date (YYYY-MM-DD) or an ISO 8601 date-time, got {text!r}",
+            EXIT_USAGE,
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def parse_scopes(text: str) -> frozenset[str]:

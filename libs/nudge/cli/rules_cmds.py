@@ -13,26 +13,27 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import UTC, date, datetime, time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nudge.cli.api import Client, _add_client_options, load_campaign_documents
-from nudge.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, format_table
+from nudge.cli.api import Client, _add_client_options, _iso, load_campaign_documents
+from nudge.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CliError,
+    format_table,
+    parse_time,
+)
 from nudge.protoconv import dict_to_struct, struct_to_dict, to_timestamp
 from nudge.rules.v1 import rules_pb2, rules_pb2_grpc
-
-
-def _time(record: rules_pb2.DecisionRecord) -> str:
-    if not record.HasField("decided_at"):
-        return ""
-    return record.decided_at.ToDatetime().isoformat(timespec="seconds") + "Z"
 
 
 def decision_data(record: rules_pb2.DecisionRecord) -> dict[str, Any]:
     """A decision record as plain JSON data."""
     return {
-        "decided_at": _time(record),
+        "decided_at": _iso(record.decided_at, record.HasField("decided_at")),
         "source": record.source,
         "kind": record.kind,
         "summary": record.summary,
@@ -60,7 +61,7 @@ def run_why(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [
         [
-            _time(record),
+            _iso(record.decided_at, record.HasField("decided_at")),
             f"v{record.version}" if record.version else "",
             record.kind,
             record.event_id,
@@ -326,22 +327,9 @@ def run_stats(args: argparse.Namespace) -> int:
 BACKTEST_TIMEOUT_S = 600.0
 
 
-def parse_moment(text: str, option: str) -> datetime:
-    """`YYYY-MM-DD` (midnight UTC) or an ISO 8601 date-time (UTC without an offset)."""
-    value = text.strip()
-    try:
-        if len(value) == 10:
-            return datetime.combine(date.fromisoformat(value), time(0), tzinfo=UTC)
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise CliError(
-            f"{option}: must be a date (YYYY-MM-DD) or an ISO 8601 date-time, got {text!r}",
-            EXIT_USAGE,
-        ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _iso(message: Any, name: str) -> str | None:
+def _exact_iso(message: Any, name: str) -> str | None:
+    """The time field `name` of `message` to the microsecond with a ``+00:00`` offset (the
+    backtest report's format, unlike `_iso`), or None when unset."""
     if not message.HasField(name):
         return None
     value: datetime = getattr(message, name).ToDatetime(tzinfo=UTC)
@@ -374,9 +362,9 @@ def backtest_data(response: rules_pb2.BacktestResponse) -> dict[str, Any]:
                 "group": send.group,
                 "branch": send.branch,
                 "channel": send.channel,
-                "due_at": _iso(send, "due_at"),
-                "claimed_at": _iso(send, "claimed_at"),
-                "held_until": _iso(send, "held_until"),
+                "due_at": _exact_iso(send, "due_at"),
+                "claimed_at": _exact_iso(send, "claimed_at"),
+                "held_until": _exact_iso(send, "held_until"),
                 "outcome": send.outcome,
                 "code": send.code,
                 "reason": send.reason,
@@ -418,8 +406,8 @@ def format_backtest(response: rules_pb2.BacktestResponse, start: datetime, end: 
     if response.sends:
         rows = [
             [
-                _iso(send, "due_at") or "",
-                _iso(send, "claimed_at") or "",
+                _exact_iso(send, "due_at") or "",
+                _exact_iso(send, "claimed_at") or "",
                 send.user_id,
                 send.group,
                 f"{send.branch} ({send.channel})",
@@ -438,8 +426,8 @@ def format_backtest(response: rules_pb2.BacktestResponse, start: datetime, end: 
 
 def run_backtest(args: argparse.Namespace) -> int:
     """`nudge backtest FILE.yaml --from DATE --to DATE`: what the definition would have done."""
-    start = parse_moment(args.start, "--from")
-    end = parse_moment(args.end, "--to")
+    start = parse_time(args.start, "--from")
+    end = parse_time(args.end, "--to")
     if start >= end:
         raise CliError("--to: must be after --from", EXIT_USAGE)
     [definition, *more] = load_campaign_documents(Path(args.file))

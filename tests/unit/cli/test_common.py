@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from nudge.cli.common import (
     parse_env_file,
     parse_json_object,
     parse_scopes,
+    parse_time,
     read_env_file,
     require,
     service_address,
@@ -164,6 +165,29 @@ def test_parse_duration_rejects(text: str) -> None:
 def test_parse_duration_rejects_zero() -> None:
     with pytest.raises(ValueError, match="positive"):
         parse_duration("0s")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-03-02",
+        " 2026-03-02 ",
+        "2026-03-02T00:00:00",
+        "2026-03-02T00:00:00Z",
+        "2026-03-02T01:00:00+01:00",
+    ],
+)
+def test_parse_time_is_utc(text: str) -> None:
+    moment = parse_time(text, "--from")
+    assert moment == datetime(2026, 3, 2, tzinfo=UTC)
+    assert moment.tzinfo is UTC
+
+
+@pytest.mark.parametrize("text", ["", "March 2nd", "2026-13-01", "2026-03-02T25:00"])
+def test_parse_time_rejects(text: str) -> None:
+    with pytest.raises(CliError, match=r"^--to: must be a date") as error:
+        parse_time(text, "--to")
+    assert error.value.code == EXIT_USAGE
 
 
 def test_parse_json_object() -> None:
