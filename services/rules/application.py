@@ -29,9 +29,7 @@ from nudge.protoconv import dict_to_struct, to_timestamp
 from nudge.scheduler.v1 import scheduler_pb2
 from services.rules import store
 from services.rules.cel import (
-    CelEvaluationError,
     CompiledCampaign,
-    activation,
     compile_campaign,
 )
 from services.rules.domain import (
@@ -52,7 +50,7 @@ from services.rules.domain import (
 )
 from services.rules.evaluation import (
     EvaluationContext,
-    cel_event,
+    conversion_matches,
     decide_at_fire,
     decide_exception,
     decide_on_event,
@@ -332,14 +330,6 @@ async def load_members(
         member = members.setdefault(key, CampaignMember())
         member.add_pending(instance, _event_from_document(instance.trigger_event))
     return members
-
-
-async def load_memberships(
-    conn: Queryable, keys: Iterable[tuple[str, str]], exclude_instance: str | None = None
-) -> dict[MemberKey, Membership]:
-    """Users' history with campaigns, by (workspace, user, campaign)."""
-    members = await load_members(conn, keys, exclude_instance)
-    return {key: member.membership() for key, member in members.items()}
 
 
 @dataclass
@@ -718,7 +708,6 @@ class Projector:
         """Count `event` as a conversion of each instance of these campaigns whose analysis
         horizon holds it and whose `conversion.match` is true (the stats take the first)."""
         now = decision_time(state)
-        user_view: dict[str, Any] | None = None
         for instance in effects.entered.get((event.workspace_id, event.user_id), ()):
             if instance.campaign_id not in campaign_ids or instance.entered_at is None:
                 continue
@@ -734,26 +723,17 @@ class Projector:
                 continue
             if not instance.entered_at <= now < instance.entered_at + campaign.horizon:
                 continue
-            match = campaign.conversion_match
-            if match is not None:
-                if user_view is None:
-                    user_view = cel_view(state, now)
-                variables = {
-                    "conversion": cel_event(event),
-                    "trigger": cel_event(_event_from_document(instance.trigger_event)),
-                    "user": user_view,
-                }
-                try:
-                    if not match.evaluate_bool(activation(variables)):
-                        continue
-                except CelEvaluationError as error:
-                    log.warning(
-                        "conversion.match of %s failed for %s: %s",
-                        instance.campaign_id,
-                        event.event_id,
-                        error.message,
-                    )
-                    continue
+            trigger = _event_from_document(instance.trigger_event)
+            matched = conversion_matches(campaign, event, trigger, state, now)
+            if isinstance(matched, str):
+                log.warning(
+                    "conversion.match of %s failed for %s: %s",
+                    instance.campaign_id,
+                    event.event_id,
+                    matched,
+                )
+            if matched is not True:
+                continue
             effects.conversions.append(
                 store.ConversionRow(
                     instance_id=instance.instance_id,
@@ -1006,12 +986,17 @@ class TimerHandler:
                 return
             state = state_from_dict(document)
             trigger = _event_from_document(instance.trigger_event)
-            memberships = await load_memberships(
+            # The fire re-check reads only when the user last received the campaign: the
+            # summaries, not the user's pending instances.
+            membership = Membership()
+            for summary in await store.member_summaries(
                 conn, [(instance.workspace_id, instance.user_id)], instance.instance_id
-            )
-            membership = memberships.get(
-                (instance.workspace_id, instance.user_id, instance.campaign_id), Membership()
-            )
+            ):
+                if summary.campaign_id == instance.campaign_id:
+                    membership = Membership(
+                        last_entered_at=summary.last_entered_at,
+                        last_sent_at=summary.last_sent_at,
+                    )
             decision = decide_at_fire(
                 campaign,
                 trigger,

@@ -335,7 +335,7 @@ def decide_on_event(
         if trigger.event != event.name:
             return []
         return _decide_inactivity(
-            campaign, trigger, event, state_after, membership, now, paused, global_control
+            campaign, trigger, event, state_after, membership, now, context, paused, global_control
         )
     if isinstance(trigger, AfterFirstTrigger):
         stats = state_after.events.get(trigger.event)
@@ -489,6 +489,7 @@ def _decide_inactivity(
     state_after: UserState,
     membership: Membership,
     now: datetime,
+    context: EvaluationContext | None,
     paused: bool | None,
     global_control: GlobalControl | None,
 ) -> list[Decision]:
@@ -531,13 +532,7 @@ def _decide_inactivity(
             last_sent_at=membership.last_sent_at,
             pending=membership.pending - {""},
         )
-    data = EvaluationContext(
-        event,
-        state_after,
-        now,
-        referenced_event_names=campaign.referenced_event_names,
-        sum_properties=campaign.sum_properties,
-    )
+    data = _context_for(campaign, event, state_after, now, context)
     decisions.append(
         _enter(
             decider,
@@ -551,12 +546,6 @@ def _decide_inactivity(
         )
     )
     return decisions
-
-
-def _threshold_value(
-    campaign: CompiledCampaign, data: EvaluationContext, decider: _Decider
-) -> bool | Decision:
-    return decider.check(campaign.threshold, "trigger.threshold", data)
 
 
 def _decide_threshold(
@@ -575,9 +564,8 @@ def _decide_threshold(
     if names is not None and event.name not in names:
         return []
     decider = _Decider(campaign, event, now, global_control=global_control)
-    after = _threshold_value(
-        campaign, _context_for(campaign, event, state_after, now, context), decider
-    )
+    data = _context_for(campaign, event, state_after, now, context)
+    after = decider.check(campaign.threshold, "trigger.threshold", data)
     if after is False:
         return []
     before: bool | Decision = False
@@ -589,12 +577,11 @@ def _decide_threshold(
             referenced_event_names=campaign.referenced_event_names,
             sum_properties=campaign.sum_properties,
         )
-        before = _threshold_value(campaign, before_data, decider)
+        before = decider.check(campaign.threshold, "trigger.threshold", before_data)
     if isinstance(after, Decision):
         return [] if isinstance(before, Decision) else [after]
     if before is True:
         return []  # already true before this event: a level, not an edge
-    data = _context_for(campaign, event, state_after, now, context)
     return [
         _enter(
             decider,
@@ -742,3 +729,32 @@ def decide_at_fire(
                 ),
             )
     return decider.decide(DecisionKind.NO_MATCHING_MESSAGE, "no message branch matched")
+
+
+def conversion_matches(
+    campaign: CompiledCampaign,
+    event: RecordedEvent,
+    trigger: RecordedEvent,
+    state_after: UserState,
+    now: datetime,
+) -> bool | str:
+    """Whether `event` satisfies the campaign's `conversion.match` for the instance `trigger`
+    started (True without a `match`), or the evaluation error's message. Variables:
+    `conversion` (this event), `trigger`, and `user` (state after this event, at `now`, the
+    view every other expression of the campaign gets)."""
+    match = campaign.conversion_match
+    if match is None:
+        return True
+    variables: dict[str, Any] = {"conversion": cel_event(event), "trigger": cel_event(trigger)}
+    if "user" in match.references:
+        variables["user"] = EvaluationContext(
+            event,
+            state_after,
+            now,
+            referenced_event_names=campaign.referenced_event_names,
+            sum_properties=campaign.sum_properties,
+        ).user_data
+    try:
+        return match.evaluate_bool(activation(variables))
+    except CelEvaluationError as error:
+        return error.message
