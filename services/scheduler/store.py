@@ -155,12 +155,24 @@ async def next_due_in(conn: Queryable) -> timedelta | None:
     return value
 
 
-async def pending_counts(conn: Queryable) -> tuple[int, int]:
-    """(pending timers, pending timers already due) for the metrics."""
+PENDING_COUNT_CAP = 100_000
+"""Most timers `pending_counts` counts: a count equal to it means "at least this many"."""
+
+
+async def pending_counts(conn: Queryable, cap: int = PENDING_COUNT_CAP) -> tuple[int, int]:
+    """(pending timers, pending timers already due) for the metrics, each at most `cap`.
+
+    The metrics sampler calls this every few seconds, so it reads only the `cap` earliest-due
+    pending timers (a bounded range of the `timers_due` index), not all of them: a count equal
+    to `cap` means "at least `cap`". Overdue timers are the earliest due, so each count is exact
+    while below `cap`.
+    """
     row = await conn.fetchrow(
         """SELECT count(*) AS pending,
                   count(*) FILTER (WHERE due_at <= (SELECT nudge_now())) AS overdue
-           FROM timers WHERE state = 'pending'"""
+           FROM (SELECT due_at FROM timers WHERE state = 'pending'
+                 ORDER BY due_at LIMIT $1) AS earliest""",
+        cap,
     )
     assert row is not None
     return int(row["pending"]), int(row["overdue"])

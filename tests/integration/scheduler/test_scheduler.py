@@ -237,3 +237,16 @@ async def test_a_timer_armed_during_a_long_sleep_wakes_the_loop(rig: Rig) -> Non
 
     [fired] = await inbox.wait_for(1, timeout_s=3)
     assert fired.timer_id == soon.timer_id
+
+
+async def test_pending_counts_are_exact_below_the_cap_and_capped_above(rig: Rig) -> None:
+    now = await rig.now()
+    for minutes in (-30, -20, -10, 10, 20):  # three overdue, two not yet due (no loop fires)
+        await rig.schedule(now + timedelta(minutes=minutes))
+    cancelled = await rig.schedule(now - HOUR)
+    await rig.timers.cancel(cancelled.timer_id)
+
+    assert await store.pending_counts(rig.pool) == (5, 3)
+    assert await store.pending_counts(rig.pool, cap=5) == (5, 3)
+    assert await store.pending_counts(rig.pool, cap=4) == (4, 3)  # the earliest due are counted
+    assert await store.pending_counts(rig.pool, cap=2) == (2, 2)
