@@ -220,6 +220,7 @@ class Dispatcher:
             decided_at=None if decided_at is None else decided_at.replace(tzinfo=UTC),
             pickup_grace=self._pickup_grace,
             traceparent=telemetry.current_traceparent() or "",
+            experiment_group=request.experiment_group,
         )
 
     def submit(self, send_id: str, channel: str, traceparent: str = "") -> bool:
@@ -311,6 +312,7 @@ class Dispatcher:
 
     async def _attempt_claimed(self, claimed: Claimed) -> None:
         send = claimed.send
+        assert send.request is not None  # claims select it
         request = dispatch_pb2.SendRequest.FromString(send.request)
         channel = self._channels.get(send.channel)
         if channel is None:

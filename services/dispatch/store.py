@@ -14,35 +14,33 @@ send was claimed again elsewhere) cannot record an outcome over the new owner's.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
-from google.protobuf.message import DecodeError
 
 from nudge import eventstore
 from nudge.db import Conn, Queryable
-from nudge.dispatch.v1 import dispatch_pb2
 from nudge.eventstore import NewEvent
-
-log = logging.getLogger("nudge.dispatch")
 
 USER_LOCK_CLASS = 0x6E647370  # "ndsp": the two-key advisory lock space of dispatch's user locks
 
-_COLUMNS = (
+_BASE_COLUMNS = (
     "send_id::text AS send_id, workspace_id, user_id, campaign_id, campaign_version, channel,"
-    " state, attempts, reason, request, created_at, kind, priority,"
+    " state, attempts, reason, created_at, kind, priority,"
     " COALESCE(decided_at, created_at) AS decided_at, claim_no,"
-    " cap_reserved_at IS NOT NULL AS holds_cap_slot, replays, window_started_at, next_at"
+    " cap_reserved_at IS NOT NULL AS holds_cap_slot, replays, window_started_at, next_at,"
+    " experiment_group"
 )
+_COLUMNS = _BASE_COLUMNS + ", request"
 
 
 @dataclass(frozen=True)
 class SendRow:
-    """A send as stored (claimed, or inspected)."""
+    """A send as stored (claimed, or inspected). `request` (the encoded SendRequest) is None
+    where it was not selected: `tracked_send`, whose events need none of it."""
 
     send_id: str
     workspace_id: str
@@ -53,7 +51,7 @@ class SendRow:
     state: str
     attempts: int
     reason: str
-    request: bytes
+    request: bytes | None
     created_at: datetime
     kind: str
     priority: int
@@ -63,12 +61,15 @@ class SendRow:
     replays: int
     window_started_at: datetime
     next_at: datetime | None
+    experiment_group: str
 
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> SendRow:
-        """Build from a row selected with the standard columns (others are ignored)."""
+        """Build from a row selected with the standard columns, `request` optional (others
+        are ignored)."""
         values: dict[str, Any] = {k: v for k, v in record.items() if k in _SEND_FIELDS}
-        values["request"] = bytes(values["request"])
+        request = values.get("request")
+        values["request"] = None if request is None else bytes(request)
         return cls(**values)
 
 
@@ -94,6 +95,7 @@ async def insert_planned(
     decided_at: datetime | None = None,
     pickup_grace: timedelta = timedelta(seconds=5),
     traceparent: str = "",
+    experiment_group: str = "",
 ) -> bool:
     """Record a send as planned; False when it was already known (a redelivery).
 
@@ -103,9 +105,9 @@ async def insert_planned(
     status = await conn.execute(
         """INSERT INTO sends (send_id, workspace_id, user_id, campaign_id, campaign_version,
                               channel, state, request, kind, priority, decided_at, lease_until,
-                              traceparent)
+                              traceparent, experiment_group)
            VALUES ($1::uuid, $2, $3, $4, $5, $6, 'planned', $7, $8, $9,
-                   COALESCE($10, nudge_now()), nudge_now() + $11::interval, $12)
+                   COALESCE($10, nudge_now()), nudge_now() + $11::interval, $12, $13)
            ON CONFLICT (send_id) DO NOTHING""",
         send_id,
         workspace_id,
@@ -119,6 +121,7 @@ async def insert_planned(
         decided_at,
         pickup_grace,
         traceparent,
+        experiment_group,
     )
     return bool(status.endswith(" 1"))
 
@@ -338,16 +341,6 @@ def _event_id(send: SendRow, outcome: str) -> str:
     return f"{send.send_id}:{outcome}{suffix}"
 
 
-def experiment_group(send: SendRow) -> str:
-    """The experiment group the send was planned for (`SendRequest.experiment_group`); "" for
-    sends planned before experiments existed, or a stored request that does not decode."""
-    try:
-        return dispatch_pb2.SendRequest.FromString(send.request).experiment_group
-    except DecodeError:
-        log.warning("send %s: stored request does not decode", send.send_id)
-        return ""
-
-
 def _outcome_event(
     send: SendRow, outcome: str, properties: dict[str, Any], *, event_id: str | None = None
 ) -> NewEvent:
@@ -365,7 +358,7 @@ def _outcome_event(
             "campaign_version": send.campaign_version,
             "channel": send.channel,
             "kind": send.kind,
-            "experiment_group": experiment_group(send),
+            "experiment_group": send.experiment_group,
             **properties,
         },
         context={},
@@ -641,7 +634,7 @@ async def tracked_send(conn: Queryable, send_id: str) -> tuple[SendRow, list[str
     """A send and the links stored with its latest attempt (None: not tracked); None when
     there is no such send."""
     row = await conn.fetchrow(
-        f"SELECT {_COLUMNS}, tracked_links FROM sends WHERE send_id = $1::uuid", send_id
+        f"SELECT {_BASE_COLUMNS}, tracked_links FROM sends WHERE send_id = $1::uuid", send_id
     )
     if row is None:
         return None
