@@ -19,7 +19,7 @@ Units:
 
 Conversions (`campaign_conversions`): intention to treat (`converted`, the basis of the rates,
 the uplift and the verdict) when one falls in `[entered_at, entered_at + horizon)`, the horizon
-being `experiments.analysis_horizon` (the same for every group); attributed
+being `CampaignDefinition.analysis_horizon` (the same for every group); attributed
 (`converted_attributed`) when one falls in `[exposed_at, exposed_at + within)`. An instance from
 before migration 0008 has no `entered_at`; its creation time stands in.
 
@@ -44,6 +44,7 @@ import asyncpg
 from nudge.db import Conn
 from nudge.grpcserver import NotFoundError
 from services.rules import experiments, stats, store
+from services.rules.domain import parse_campaign
 from services.rules.experiments import CONTROL, DEFAULT_VARIANT, GLOBAL_CONTROL
 
 OUTCOME_EVENTS: Final = (
@@ -217,15 +218,10 @@ async def _campaign_stats(conn: Conn, workspace_id: str, campaign_id: str) -> Ca
     current = await store.current_campaign(conn, workspace_id, campaign_id)
     if current is None:
         raise NotFoundError(f"no campaign {campaign_id!r}")
-    definition = current.definition
-    blocks = experiments.parse_blocks(definition)
-    experiment, conversion = blocks.experiment, blocks.conversion
+    definition = parse_campaign(current.definition)
+    experiment, conversion = definition.experiment, definition.conversion
     salt = experiment.salt if experiment is not None else ""
-    horizon = (
-        experiments.analysis_horizon(definition, experiment, conversion)
-        if conversion is not None
-        else None
-    )
+    horizon = definition.analysis_horizon()
     base_args = (workspace_id, campaign_id, salt)
     groups = await conn.fetch(
         _GROUPS_SQL, *base_args, horizon, conversion.within if conversion is not None else None

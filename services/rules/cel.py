@@ -85,7 +85,6 @@ from services.rules.domain import (
     ThresholdTrigger,
     override_messages,
 )
-from services.rules.experiments import analysis_horizon
 
 MAX_SOURCE_CHARS: Final = 4096
 COMPILE_CACHE_SIZE: Final = 2048
@@ -436,9 +435,6 @@ def compile_campaign(definition: CampaignDefinition, version: int = 0) -> Compil
         for branch in branches:
             for template in branch.message.templates():
                 texts.extend(template_expressions(template))
-    horizon = None
-    if conversion is not None:
-        horizon = analysis_horizon(definition.to_dict(), definition.experiment, conversion)
     return CompiledCampaign(
         definition=definition,
         version=version,
@@ -457,5 +453,5 @@ def compile_campaign(definition: CampaignDefinition, version: int = 0) -> Compil
         conversion_match=conversion_match,
         group_delays=group_delays,
         group_messages=group_messages,
-        horizon=horizon,
+        horizon=definition.analysis_horizon(),
     )

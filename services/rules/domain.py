@@ -304,6 +304,24 @@ class CampaignDefinition:
             found.append(("conversion.match", self.conversion.match))
         return tuple(found)
 
+    def analysis_horizon(self) -> timedelta | None:
+        """How long after entry an entered user's outcome is final, the same for every group:
+        the longest delay of any group (control: the campaign's) plus `conversion.within`;
+        None without a conversion goal.
+
+        Comparing groups whose delays differ by conversions counted from each group's own send
+        is biased: a user who buys before a long delay ends is cancelled by the exception and
+        never counted, so the long-delay arm looks worse whatever the message does. The stats
+        count a conversion anywhere in `[entered_at, entered_at + horizon)` (intention to
+        treat); see docs/experiments.md.
+        """
+        if self.conversion is None:
+            return None
+        delays = [self.delay]
+        if self.experiment is not None:
+            delays.extend(v.delay for v in self.experiment.variants if v.delay is not None)
+        return max(delays) + self.conversion.within
+
     def referenced_event_names(self) -> frozenset[str]:
         """Event names the definition itself names (trigger, exceptions, conversion)."""
         names = {rule.event for rule in self.exceptions}

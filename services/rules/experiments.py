@@ -48,10 +48,10 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any, Final, TypeVar
+from datetime import timedelta
+from typing import Any, Final
 
 from services.rules.domain import (
     EVENT_NAME,
@@ -172,10 +172,6 @@ class Conversion:
     event: str
     within: timedelta
     match: str | None = None
-
-    def window(self, exposed_at: datetime) -> tuple[datetime, datetime]:
-        """`[exposed_at, exposed_at + within)`: the conversions attributed to one exposure."""
-        return exposed_at, exposed_at + self.within
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"event": self.event, "within": format_duration(self.within)}
@@ -547,92 +543,3 @@ def pick_variant(variants: Sequence[Variant], split: float) -> Variant:
 
 def _percent_text(percent: float) -> str:
     return f"{_number(percent)}%"
-
-
-# --------------------------------------------------------------------------------------------
-# What a variant changes
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class VariantPlan:
-    """The effective delay and messages of a campaign for one group.
-
-    `messages` are the campaign's branches (`{"when"?, "message"}`) with the variant's
-    `overrides` applied to every branch's message. For a held-out group (`variant` None) they
-    are the campaign's own: the would-be send is timed with the campaign's `delay`.
-    """
-
-    delay: timedelta
-    overrides: Mapping[str, Any]
-    messages: tuple[Mapping[str, Any], ...]
-
-
-def apply_variant(definition: Mapping[str, Any], variant: Variant | None) -> VariantPlan:
-    """The delay and messages `variant` gets, from a campaign document (YAML-shaped or the
-    canonical stored form: `message:` or `messages:`, `delay` as text)."""
-    base_delay = definition.get("delay")
-    try:
-        delay = parse_duration(base_delay) if base_delay is not None else timedelta(0)
-    except DurationError as error:
-        raise ExperimentError("delay", error.message) from None
-    if variant is not None and variant.delay is not None:
-        delay = variant.delay
-    overrides = dict(variant.message) if variant is not None and variant.message else {}
-    if "messages" in definition:
-        branches = [dict(branch) for branch in definition["messages"]]
-    elif "message" in definition:
-        branches = [{"message": definition["message"]}]
-    else:
-        raise ExperimentError("messages", "the campaign has no message")
-    for branch in branches:
-        branch["message"] = {**branch["message"], **overrides}
-    return VariantPlan(delay=delay, overrides=overrides, messages=tuple(branches))
-
-
-# --------------------------------------------------------------------------------------------
-# Conversions
-# --------------------------------------------------------------------------------------------
-
-T = TypeVar("T")
-
-
-def first_conversion(
-    conversion: Conversion,
-    exposed_at: datetime,
-    candidates: Iterable[T],
-    *,
-    received_at: Callable[[T], datetime],
-    matches: Callable[[T], bool] = lambda _: True,
-) -> T | None:
-    """The conversion attributed to an exposure: of `candidates` (the user's events named
-    `conversion.event`, in store order), the earliest received within the window whose `match`
-    holds. Ties in time keep store order. `matches` evaluates the compiled CEL `match`."""
-    start, end = conversion.window(exposed_at)
-    best: T | None = None
-    best_at: datetime | None = None
-    for candidate in candidates:
-        at = received_at(candidate)
-        if not start <= at < end or (best_at is not None and at >= best_at):
-            continue
-        if matches(candidate):
-            best, best_at = candidate, at
-    return best
-
-
-def analysis_horizon(
-    definition: Mapping[str, Any], experiment: Experiment | None, conversion: Conversion
-) -> timedelta:
-    """How long after entry an entered user's outcome is final, the same for every group: the
-    longest effective delay of any group (control: the campaign's) plus `within`.
-
-    Comparing groups whose delays differ by conversions counted from each group's own send is
-    biased: a user who buys before a long delay ends is cancelled by the exception and never
-    counted as converted, so the long-delay arm looks worse whatever the message does. The
-    stats therefore count every entered user and a conversion anywhere in
-    `[entered_at, entered_at + horizon)` (intention to treat); see docs/experiments.md.
-    """
-    delays = [apply_variant(definition, None).delay]
-    if experiment is not None:
-        delays.extend(apply_variant(definition, variant).delay for variant in experiment.variants)
-    return max(delays) + conversion.within

@@ -58,7 +58,9 @@ def definition(**blocks: Any) -> dict[str, Any]:
         "trigger": {"event": "cart_abandoned"},
         "delay": "1h",
         "exceptions": [{"event": "purchase"}],
-        "messages": [{"message": {"channel": "email", "to": "a@b.test", "body": "Come back"}}],
+        "messages": [
+            {"message": {"channel": "email", "to": "a@b.test", "subject": "Hi", "body": "Back"}}
+        ],
     }
     return document | {k: v for k, v in blocks.items() if v is not None}
 
