@@ -51,7 +51,7 @@ from services.dispatch.policy import (
     undeliverable_refusal,
     user_zone,
 )
-from services.dispatch.store import RecipientRecord, SendRow
+from services.dispatch.store import SendRow
 from services.dispatch.templating import UNSUBSCRIBE_VARIABLE, RenderError, render_message
 from services.dispatch.tracking import (
     InvalidTrackingTokenError,
@@ -66,11 +66,6 @@ log = logging.getLogger("nudge.dispatch")
 
 KINDS = ("marketing", "transactional")
 PREVIEW_UNSUBSCRIBE_URL = "https://unsubscribe.invalid/preview"
-
-
-def recipient_of(record: RecipientRecord) -> Recipient:
-    """The policy view of the stored recipient facts."""
-    return Recipient(record.subscriptions, record.timezone, record.undeliverable)
 
 
 def policy_of(stored: tuple[dict[str, Any], int] | None) -> WorkspacePolicy:
@@ -268,7 +263,7 @@ class Dispatcher:
             if not rows:
                 return []
             policy = policy_of(await store.load_policy(conn, workspace_id))
-            facts = recipient_of(await store.recipient(conn, workspace_id, user_id))
+            facts = await store.recipient(conn, workspace_id, user_id)
             tz = user_zone(facts.timezone, policy.default_timezone)
             since = earliest_window_start(now, tz, policy)
             reservations = (
@@ -656,7 +651,7 @@ async def preview(
     async with pool.acquire() as conn:
         now = await conn.fetchval("SELECT nudge_now()")
         policy = policy_of(await store.load_policy(conn, workspace_id))
-        facts = recipient_of(await store.recipient(conn, workspace_id, user_id))
+        facts = await store.recipient(conn, workspace_id, user_id)
         tz = user_zone(facts.timezone, policy.default_timezone)
         since = earliest_window_start(now, tz, policy)
         used = (

@@ -62,7 +62,7 @@ class RecipientFacts:
     undeliverable: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def recipient(self) -> Recipient:
-        """The policy view, as `dispatch.store.recipient` + `recipient_of` build it."""
+        """The policy view, as `dispatch.store.recipient` builds it."""
         subscriptions = (
             {channel: self.subscriptions.get(channel) for channel in CONSENT_CHANNELS}
             if self.exists

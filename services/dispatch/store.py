@@ -24,6 +24,7 @@ import asyncpg
 from nudge import eventstore
 from nudge.db import Conn, Queryable
 from nudge.eventstore import NewEvent
+from services.dispatch.policy import Recipient
 
 USER_LOCK_CLASS = 0x6E647370  # "ndsp": the two-key advisory lock space of dispatch's user locks
 
@@ -230,17 +231,8 @@ async def cap_reservations(
     return [(r["channel"], r["cap_reserved_at"]) for r in rows]
 
 
-@dataclass(frozen=True)
-class RecipientRecord:
-    """The inline projection of one user: subscriptions, time zone, undeliverable addresses."""
-
-    subscriptions: dict[str, str | None]
-    timezone: str | None
-    undeliverable: dict[str, frozenset[str]]
-
-
-async def recipient(conn: Queryable, workspace_id: str, user_id: str) -> RecipientRecord:
-    """The user's consent facts as of now (never set: all None)."""
+async def recipient(conn: Queryable, workspace_id: str, user_id: str) -> Recipient:
+    """The user's consent facts as of now, from the inline projection (never set: all None)."""
     row = await conn.fetchrow(
         """SELECT email_subscribe, push_subscribe, sms_subscribe, timezone
            FROM recipient_preferences WHERE workspace_id = $1 AND user_id = $2""",
@@ -260,7 +252,7 @@ async def recipient(conn: Queryable, workspace_id: str, user_id: str) -> Recipie
     if row is not None:
         for channel in ("email", "push", "sms"):
             subscriptions[channel] = row[f"{channel}_subscribe"]
-    return RecipientRecord(
+    return Recipient(
         subscriptions,
         None if row is None else row["timezone"],
         {channel: frozenset(addresses) for channel, addresses in undeliverable.items()},

@@ -19,7 +19,6 @@ from nudge.eventstore import NewEvent
 from nudge.protoconv import to_timestamp
 from nudge.scheduler.v1 import scheduler_pb2
 from services.dispatch import store as dispatch_store
-from services.dispatch.application import recipient_of
 from services.dispatch.recipient_twin import RecipientFacts, project_recipient
 from services.rules.application import (
     CampaignAdmin,
@@ -223,7 +222,7 @@ async def test_the_twin_gives_what_the_sql_trigger_projects(live: Live) -> None:
         facts = RecipientFacts()
         for row in rows:
             facts = project_recipient(facts, row["name"], row["properties"])
-        stored = recipient_of(await dispatch_store.recipient(live.pool, live.workspace_id, user))
+        stored = await dispatch_store.recipient(live.pool, live.workspace_id, user)
         assert facts.recipient() == stored, user
     # The cases above do exercise the rules (a sanity check on the expected values).
     stored_b = await dispatch_store.recipient(live.pool, live.workspace_id, "b")
