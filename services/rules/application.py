@@ -373,6 +373,29 @@ class _Effects:
             await eventstore.append(conn, self.events)
 
 
+def send_context(
+    campaign: CompiledCampaign,
+    trigger: RecordedEvent,
+    state: UserState,
+    now: datetime,
+    group: str | None,
+) -> dict[str, Any]:
+    """The render context of a send (`user`, `event` = `trigger`, `campaign` with `variant`)."""
+    event = event_view(trigger)
+    definition = campaign.definition
+    return {
+        "user": cel_view(state, now),
+        "event": event,
+        "trigger": event,
+        "campaign": {
+            "id": definition.id,
+            "name": definition.name,
+            "version": campaign.version,
+            "variant": group or "",
+        },
+    }
+
+
 def entry_time(campaign: CompiledCampaign, due_at: datetime, group: str | None) -> datetime:
     """When an instance's trigger condition is met: its due time less its group's delay.
 
@@ -502,18 +525,7 @@ class Planner:
             for key, value in message.to_dict().items()
             if key != "channel" and value is not None
         }
-        event = event_view(trigger)
-        context = {
-            "user": cel_view(state, now),
-            "event": event,
-            "trigger": event,
-            "campaign": {
-                "id": definition.id,
-                "name": definition.name,
-                "version": campaign.version,
-                "variant": group,
-            },
-        }
+        context = send_context(campaign, trigger, state, now, group)
         request = dispatch_pb2.SendRequest(
             send_id=send_id,
             workspace_id=trigger.workspace_id,

@@ -68,7 +68,7 @@ from services.dispatch.policy import (
 from services.dispatch.recipient_twin import FAILED, IDENTIFY, RecipientFacts, project_recipient
 from services.dispatch.templating import RenderError, render_field, single_line
 from services.rules import store
-from services.rules.application import decision_time, validate_campaign
+from services.rules.application import decision_time, entry_time, send_context, validate_campaign
 from services.rules.cel import CompiledCampaign, compile_campaign
 from services.rules.domain import (
     Decision,
@@ -77,8 +77,6 @@ from services.rules.domain import (
     PendingInstance,
     RecordedEvent,
     UserState,
-    cel_view,
-    event_view,
     evolve,
 )
 from services.rules.evaluation import decide_at_fire, decide_exception, decide_on_event
@@ -476,7 +474,7 @@ class _UserSimulation:
             Entry(
                 user_id=event.user_id,
                 event_id=event.event_id,
-                entered_at=decision.decided_at,
+                entered_at=entry_time(self.campaign, decision.due_at, group),
                 group=group,
                 due_at=decision.due_at,
                 correlation=decision.correlation,
@@ -543,7 +541,9 @@ class _UserSimulation:
         template = message.to_dict().get("to")
         if self.render_addresses and isinstance(template, str):
             try:
-                address = render_address(self.campaign, template, pending.trigger, state, now)
+                address = render_address(
+                    self.campaign, template, pending.trigger, state, now, pending.group
+                )
             except RenderError as failure:
                 error = f"render failed: {failure}"
         return _Planned(decision, group, message.channel, address, error)
@@ -555,25 +555,11 @@ def render_address(
     trigger: RecordedEvent,
     state: UserState,
     now: datetime,
+    group: str | None = None,
 ) -> str:
-    """The `to` field as dispatch renders it (the context makes the same protobuf round trip
-    as a live send request, so numbers are doubles there too)."""
-    event = event_view(trigger)
-    definition = campaign.definition
-    context = struct_to_dict(
-        dict_to_struct(
-            {
-                "user": cel_view(state, now),
-                "event": event,
-                "trigger": event,
-                "campaign": {
-                    "id": definition.id,
-                    "name": definition.name,
-                    "version": campaign.version,
-                },
-            }
-        )
-    )
+    """The `to` field as dispatch renders it (the live send's context, with the same protobuf
+    round trip as a live send request, so numbers are doubles there too)."""
+    context = struct_to_dict(dict_to_struct(send_context(campaign, trigger, state, now, group)))
     return single_line(render_field("to", template, context))
 
 
