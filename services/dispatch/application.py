@@ -99,10 +99,6 @@ class ChannelLanes:
         """Channels that admit no more work now."""
         return [name for name, tasks in self._tasks.items() if len(tasks) >= self._backlog]
 
-    def busy(self, key: str) -> bool:
-        """Whether work under `key` (a send id) is already running here."""
-        return key in self._keys
-
     def admit(self, channel: str, key: str, work: Callable[[], Coroutine[Any, Any, None]]) -> bool:
         """Start `work()` as a task unless the channel is saturated or `key` already runs."""
         tasks = self._tasks.setdefault(channel, set())
@@ -124,10 +120,6 @@ class ChannelLanes:
 
         task.add_done_callback(done)
         return True
-
-    def in_flight(self) -> int:
-        """Attempts admitted and not finished."""
-        return sum(len(tasks) for tasks in self._tasks.values())
 
     async def wait_idle(self) -> None:
         """Wait until every admitted attempt has finished (tests, drain)."""
@@ -344,7 +336,7 @@ class Dispatcher:
             try:
                 delivery = await channel.send(message)
             except AmbiguousChannelError as error:
-                await self._ambiguous(attempting, channel, error)
+                await self._ambiguous(attempting, error)
                 return
             except UndeliverableAddressError as error:
                 address = normalize_address(send.channel, error.address)
@@ -362,7 +354,7 @@ class Dispatcher:
                 unknown = AmbiguousChannelError(
                     f"channel error: {error!r}", retryable=channel.supports_idempotency
                 )
-                await self._ambiguous(attempting, channel, unknown)
+                await self._ambiguous(attempting, unknown)
                 return
         async with self._pool.acquire() as conn, conn.transaction():
             if not await store.mark_sent(conn, attempting, delivery.provider_message_id):
@@ -401,9 +393,7 @@ class Dispatcher:
             UnsubscribeRequest(send.workspace_id, send.user_id, send.channel, send.send_id)
         )
 
-    async def _ambiguous(
-        self, send: SendRow, channel: Channel, error: AmbiguousChannelError
-    ) -> None:
+    async def _ambiguous(self, send: SendRow, error: AmbiguousChannelError) -> None:
         # The provider may have the message. Retrying is safe only where it cannot produce a
         # second arrival (the provider dedupes by our key) or where the campaign prefers a
         # duplicate to a loss (transactional: at-least-once). Either way it is counted. The
