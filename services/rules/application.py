@@ -59,6 +59,7 @@ from services.rules.experiments import (
     GLOBAL_CONTROL,
     ExperimentError,
     GlobalControl,
+    applicable_global_control,
     parse_global_control,
 )
 
@@ -859,9 +860,9 @@ class Projector:
         )
         if campaign.definition.conversion is not None:
             effects.entered.setdefault((event.workspace_id, event.user_id), []).append(instance)
-        global_control = self._cache.global_control(event.workspace_id)
-        if campaign.definition.kind != "marketing":
-            global_control = None
+        global_control = applicable_global_control(
+            campaign.definition.kind, self._cache.global_control(event.workspace_id)
+        )
         if campaign.definition.experiment is not None or group == GLOBAL_CONTROL:
             effects.events.append(
                 assigned_event(campaign, instance, global_control, decision.decided_at)

@@ -47,17 +47,19 @@ from services.rules import experiments, stats, store
 from services.rules.domain import parse_campaign
 from services.rules.experiments import CONTROL, DEFAULT_VARIANT, GLOBAL_CONTROL
 
-OUTCOME_EVENTS: Final = (
-    "message.sent",
-    "message.failed",
-    "message.suppressed",
-    "message.opened",
-    "message.clicked",
-)
+_OUTCOME_FIELDS: Final[Mapping[str, str]] = {
+    "message.sent": "sent",
+    "message.failed": "failed",
+    "message.suppressed": "suppressed_downstream",
+    "message.opened": "opened",
+    "message.clicked": "clicked",
+}
+OUTCOME_EVENTS: Final = tuple(_OUTCOME_FIELDS)
+"""Dispatch's outcome and engagement events, each counted into its `GroupStats` field."""
 
 BASELINE: Final = "baseline"
 VARIANT: Final = "variant"
-GLOBAL: Final = "global_control"
+GLOBAL: Final = GLOBAL_CONTROL
 OTHER: Final = "other"
 """Row roles: the baseline, a variant compared with it, the global control group, and a group
 the current experiment does not define (reported, not compared)."""
@@ -261,15 +263,6 @@ async def _campaign_stats(conn: Conn, workspace_id: str, campaign_id: str) -> Ca
         groups=tuple(rows),
         users_in_several_groups=int(several or 0),
     )
-
-
-_OUTCOME_FIELDS: Final[Mapping[str, str]] = {
-    "message.sent": "sent",
-    "message.failed": "failed",
-    "message.suppressed": "suppressed_downstream",
-    "message.opened": "opened",
-    "message.clicked": "clicked",
-}
 
 
 def _layout(

@@ -362,7 +362,6 @@ def _predicate(
 
 
 _USER_FIELD = re.compile(r"(?<![\w.$])user\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
-_USER_ANY = re.compile(r"(?<![\w.$])user\b")
 _CONSTANT_USER_FIELDS: Final = frozenset({"id"})
 _TRAIT_FIELDS: Final = frozenset({"traits", "timezone"})
 
@@ -374,7 +373,7 @@ def condition_event_names(condition: str) -> frozenset[str] | None:
     `$identify`; `user.id` never. Anything else (`user.lifecycle`, `user.last_seen`, a
     computed index) can change with any event: None.
     """
-    if len(_USER_ANY.findall(condition)) != len(_USER_FIELD.findall(condition)):
+    if len(_USER_REF.findall(condition)) != len(_USER_FIELD.findall(condition)):
         return None  # `user` on its own or indexed: it may read any field
     names: set[str] = set()
     for match in _USER_FIELD.finditer(condition):

@@ -65,7 +65,13 @@ from services.rules.domain import (
     is_reeligible,
     send_id,
 )
-from services.rules.experiments import RESERVED_GROUPS, Assignment, GlobalControl, assign
+from services.rules.experiments import (
+    RESERVED_GROUPS,
+    Assignment,
+    GlobalControl,
+    applicable_global_control,
+    assign,
+)
 
 
 def cel_event(event: RecordedEvent) -> dict[str, Any]:
@@ -250,7 +256,7 @@ class _Decider:
                 definition.id,
                 self.event.user_id,
                 definition.experiment,
-                global_control=self.global_control if definition.kind == "marketing" else None,
+                global_control=applicable_global_control(definition.kind, self.global_control),
             )
         return self._assignment
 

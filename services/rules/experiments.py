@@ -485,6 +485,12 @@ class Assignment:
         return f"variant {self.group}: split draw {self.bucket:.4f}"
 
 
+def applicable_global_control(kind: str, control: GlobalControl | None) -> GlobalControl | None:
+    """The workspace's global control as it applies to a campaign of `kind`: marketing only
+    (nobody is held out of a transactional message)."""
+    return control if kind == "marketing" else None
+
+
 def in_global_control(workspace_id: str, user_id: str, control: GlobalControl | None) -> bool:
     """Whether the user is in the workspace's global control group (any campaign)."""
     return _global_draw(workspace_id, user_id, control) is not None
