@@ -590,7 +590,7 @@ class Tracker:
         if found is None:
             raise InvalidTrackingTokenError("no message with this id")
         send, links = found
-        url = resolve_click(token, links or (), self._secret)
+        url = resolve_click(verified, links or ())
         properties = {"link_index": verified.index, "url": url}
         try:
             async with self._pool.acquire() as conn, conn.transaction():

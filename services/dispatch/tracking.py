@@ -276,15 +276,15 @@ class _AnchorFinder(HTMLParser):
         self.anchors.append((start, start + len(raw), list(attrs), self_closing))
 
 
-def resolve_click(token: str, links: Sequence[str], secret: bytes) -> str:
+def resolve_click(verified: TrackingToken, links: Sequence[str]) -> str:
     """The URL a click token redirects to, from the links stored for its send (ASCII, ready for
     a `Location` header).
 
-    Raises InvalidTrackingTokenError for a bad token, an open token, an index that is not one
-    of the send's links, or a stored link that is not absolute http(s) (never redirected to).
-    The caller loads `links` by `verify_token(token).send_id`.
+    `verified` is what `verify_token` returned for the token (only it makes a TrackingToken
+    from untrusted input, so the MAC is checked once); the caller loads `links` by its
+    `send_id`. Raises InvalidTrackingTokenError for an open token, an index that is not one of
+    the send's links, or a stored link that is not absolute http(s) (never redirected to).
     """
-    verified = verify_token(token, secret)
     if verified.kind is not TokenKind.CLICK:
         raise InvalidTrackingTokenError("not a click token")
     if verified.index >= len(links):

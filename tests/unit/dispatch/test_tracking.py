@@ -150,7 +150,9 @@ def test_links_are_rewritten_and_recorded_in_order() -> None:
         TrackingToken(TokenKind.CLICK, SEND_ID, 0),
         TrackingToken(TokenKind.CLICK, SEND_ID, 1),
     ]
-    assert [resolve_click(t, result.links, SECRET) for t in tokens] == list(result.links)
+    assert [resolve_click(verify_token(t, SECRET), result.links) for t in tokens] == list(
+        result.links
+    )
     # Other attributes survive (re-quoted), the text around is untouched.
     assert f'<a class="btn" href="{BASE}/c/{tokens[1]}" target="_blank">P</a>' in result.html
     assert result.html.startswith(f'<html><body><a href="{BASE}/c/{tokens[0]}">Cart</a> and ')
@@ -160,7 +162,7 @@ def test_query_strings_and_fragments_are_kept_exactly() -> None:
     href = "https://x.test/a/b?q=%C3%A9t%C3%A9&list=1&list=2&empty=#frag?not=query"
     result = rewrite_links(f'<a href="{href}">x</a>', SEND_ID, BASE, SECRET)
     assert result.links == (href,)
-    assert resolve_click(click_tokens(result.html)[0], result.links, SECRET) == href
+    assert resolve_click(verify_token(click_tokens(result.html)[0], SECRET), result.links) == href
 
 
 @pytest.mark.parametrize(
@@ -270,8 +272,8 @@ def test_messy_html_is_handled() -> None:
     assert f'<a download href="{BASE}/c/{tokens[2]}">' in result.html
     assert 'href="https://second.test"' in result.html  # browsers follow the first href
     # Redirect targets are ASCII for the Location header.
-    assert resolve_click(tokens[2], result.links, SECRET) == "https://ws.test/a%20b"
-    assert resolve_click(tokens[3], result.links, SECRET) == (
+    assert resolve_click(verify_token(tokens[2], SECRET), result.links) == "https://ws.test/a%20b"
+    assert resolve_click(verify_token(tokens[3], SECRET), result.links) == (
         "https://%C3%BCn%C3%AFcode.test/p%C3%A4th"
     )
 
@@ -296,18 +298,18 @@ def test_rewriting_checks_its_inputs() -> None:
 def test_only_links_of_the_message_are_followed() -> None:
     result = rewrite_links('<a href="https://shop.test">x</a>', SEND_ID, BASE, SECRET)
     valid = make_token(TokenKind.CLICK, SEND_ID, 0, SECRET)
-    assert resolve_click(valid, result.links, SECRET) == "https://shop.test"
+    assert resolve_click(verify_token(valid, SECRET), result.links) == "https://shop.test"
     beyond = make_token(TokenKind.CLICK, SEND_ID, 1, SECRET)
     with pytest.raises(InvalidTrackingTokenError, match="no such link"):
-        resolve_click(beyond, result.links, SECRET)
+        resolve_click(verify_token(beyond, SECRET), result.links)
     with pytest.raises(InvalidTrackingTokenError, match="no such link"):
-        resolve_click(valid, [], SECRET)
+        resolve_click(verify_token(valid, SECRET), [])
 
 
 def test_an_open_token_is_not_a_click_token() -> None:
     opened = make_token(TokenKind.OPEN, SEND_ID, 0, SECRET)
     with pytest.raises(InvalidTrackingTokenError, match="not a click token"):
-        resolve_click(opened, ["https://shop.test"], SECRET)
+        resolve_click(verify_token(opened, SECRET), ["https://shop.test"])
 
 
 @pytest.mark.parametrize(
@@ -318,7 +320,7 @@ def test_a_stored_link_that_is_not_http_is_never_redirected_to(stored: str) -> N
     """Defence in depth: even if such a link were stored, the resolver refuses it."""
     token = make_token(TokenKind.CLICK, SEND_ID, 0, SECRET)
     with pytest.raises(InvalidTrackingTokenError, match="not an http"):
-        resolve_click(token, [stored], SECRET)
+        resolve_click(verify_token(token, SECRET), [stored])
 
 
 def test_a_tampered_click_token_is_never_resolved() -> None:
@@ -326,7 +328,7 @@ def test_a_tampered_click_token_is_never_resolved() -> None:
     token = make_token(TokenKind.CLICK, SEND_ID, 0, SECRET)
     forged = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
     with pytest.raises(InvalidTrackingTokenError):
-        resolve_click(forged, links, SECRET)
+        resolve_click(verify_token(forged, SECRET), links)
 
 
 @pytest.mark.parametrize(
